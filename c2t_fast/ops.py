@@ -1,0 +1,211 @@
+"""The one door into c2t_fast's compiled and Triton code.
+
+Loading this module registers the ``torch.ops.c2t_fast.*`` operators (C++ CPU kernels, and CUDA
+kernels when they were compiled), their fake kernels for ``torch.compile``, and an explicit fallback
+for CUDA tensors when the CUDA kernels were not built: the pure-torch reference runs on the device,
+and a warning says so once per op.
+
+The thin wrappers below convert Python-friendly inputs and return named tuples; the raw operators
+are ``torch.ops.c2t_fast.<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (registers the operators)
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "c2t_fast._C is not built. Install with `pip install --no-build-isolation -e .` after torch "
+        f"(see README.md). Original error: {exc}"
+    ) from exc
+
+log = logging.getLogger("c2t_fast")
+
+_OPS = ("build_tree", "prune_tree", "rerank_tree", "verify_greedy", "verify_sample", "compact_kv")
+
+
+# Read before the fallbacks below register Python CUDA kernels of their own.
+_COMPILED_CUDA = {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"c2t_fast::{n}", "CUDA") for n in _OPS}
+
+
+def has_cuda_kernel(name: str) -> bool:
+    """Whether ``c2t_fast::<name>`` has a compiled CUDA kernel in this build."""
+    return _COMPILED_CUDA[name]
+
+
+def cuda_kernels_compiled() -> bool:
+    """True when this build of c2t_fast._C contains the CUDA kernels of every tree op."""
+    return all(_COMPILED_CUDA.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: output metadata only. Data-dependent sizes become unbacked symbolic sizes.
+
+
+def _dyn():
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+@torch.library.register_fake("c2t_fast::build_tree")
+def _build_tree_fake(parents, prefix_len):
+    T = parents.shape[0]
+    W = (T + 63) // 64
+    L, depth1 = _dyn(), _dyn()
+    return (parents.new_empty(T), parents.new_empty((T, W), dtype=torch.int64),
+            parents.new_empty(T, dtype=torch.int64), parents.new_empty((L, depth1), dtype=torch.int64),
+            parents.new_empty(L, dtype=torch.int64))
+
+
+@torch.library.register_fake("c2t_fast::prune_tree")
+def _prune_tree_fake(tree_tokens, tree_parents, tree_logp, cand_parent, cand_token, cand_logp,
+                     cand_conf, cand_keep, max_keep):
+    n = _dyn()
+    T = tree_tokens.shape[0]
+    return (tree_tokens.new_empty(T + n), tree_parents.new_empty(T + n), tree_logp.new_empty(T + n),
+            cand_parent.new_empty(n), cand_parent.new_empty(n))
+
+
+@torch.library.register_fake("c2t_fast::rerank_tree")
+def _rerank_tree_fake(tokens, parents, logp, total_tokens):
+    n = _dyn()
+    return tokens.new_empty(n), parents.new_empty(n), logp.new_empty(n), tokens.new_empty(n)
+
+
+@torch.library.register_fake("c2t_fast::verify_greedy")
+def _verify_greedy_fake(tokens, parents, target):
+    return tokens.new_empty(_dyn()), tokens.new_empty(())
+
+
+@torch.library.register_fake("c2t_fast::verify_sample")
+def _verify_sample_fake(tokens, parents, probs, uniforms):
+    return tokens.new_empty(_dyn()), tokens.new_empty(())
+
+
+@torch.library.register_fake("c2t_fast::compact_kv")
+def _compact_kv_fake(caches, prefix_len, accepted):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit fallback: CUDA tensors with a CPU-only build run the reference on the device.
+
+_warned: set[str] = set()
+
+
+def _fallback(name: str):
+    ref = getattr(reference, name)
+
+    def run(*args):
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("c2t_fast::%s has no compiled CUDA kernel in this build; running the pure-torch "
+                        "reference on the GPU (rebuild with C2T_FAST_CUDA=1 for the fused kernel)", name)
+        return ref(*args)
+
+    return run
+
+
+_fallback_lib = None
+if not cuda_kernels_compiled():
+    _fallback_lib = torch.library.Library("c2t_fast", "IMPL")
+    for _name in _OPS:
+        if not has_cuda_kernel(_name):
+            _fallback_lib.impl(_name, _fallback(_name), "CUDA")
+
+
+# ---------------------------------------------------------------------------------------------
+# Python-facing wrappers.
+
+
+class TreeBuffers(NamedTuple):
+    """What verification needs for one tree of T nodes."""
+
+    depth: torch.Tensor  # int32[T], root 0
+    ancestor_bits: torch.Tensor  # int64[T, ceil(T/64)], bit j of row i: j is i or an ancestor of i
+    position_ids: torch.Tensor  # int64[T] = prefix_len + depth
+    retrieve_indices: torch.Tensor  # int64[L, max_depth + 1], root->leaf paths padded with -1
+    leaves: torch.Tensor  # int64[L], ascending
+
+
+class Tree(NamedTuple):
+    """A token tree in topological order (node 0 is the root)."""
+
+    tokens: torch.Tensor  # int64[T]
+    parents: torch.Tensor  # int32[T], parents[0] == -1
+    logp: torch.Tensor  # float32[T], joint log-probability of the root->node path (root 0)
+
+
+class Verdict(NamedTuple):
+    path: torch.Tensor  # int64[tau + 1], accepted node indices root first
+    bonus: torch.Tensor  # int64[], the target's own next token after the path
+
+    @property
+    def accepted_len(self) -> int:
+        """tau: accepted draft tokens, root and bonus excluded."""
+        return self.path.numel() - 1
+
+
+def _as_parents(parents) -> torch.Tensor:
+    p = torch.as_tensor(parents)
+    if p.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"parents must be an integer tensor, got {p.dtype}")
+    return p.to(torch.int32)
+
+
+def build_tree(parents, prefix_len: int = 0) -> TreeBuffers:
+    """Derive verification buffers from ``parents`` (int32/int64 [T], topological, root at 0)."""
+    return TreeBuffers(*torch.ops.c2t_fast.build_tree(_as_parents(parents), int(prefix_len)))
+
+
+def prune_tree(tree: Tree, cand_parent, cand_token, cand_logp, cand_conf, cand_keep,
+               max_keep: int) -> tuple[Tree, torch.Tensor, torch.Tensor]:
+    """C2T second pruning for one layer of scored candidates ``[N]``.
+
+    Keeps at most ``max_keep`` (``< 0``: no cap) of the candidates with ``cand_keep`` by confidence,
+    appends them (in candidate order) to ``tree``. Returns ``(new_tree, frontier, selected)`` where
+    ``frontier`` are the new nodes' indices in the tree and ``selected`` their candidate indices.
+    """
+    tokens, parents, logp, frontier, selected = torch.ops.c2t_fast.prune_tree(
+        tree.tokens, tree.parents, tree.logp, cand_parent, cand_token, cand_logp, cand_conf,
+        cand_keep, int(max_keep))
+    return Tree(tokens, parents, logp), frontier, selected
+
+
+def rerank_tree(tree: Tree, total_tokens: int) -> tuple[Tree, torch.Tensor]:
+    """EAGLE-2 rerank: the root and the top ``total_tokens - 1`` nodes by joint log-prob, closed
+    under parents and renumbered. Returns ``(new_tree, selected)`` (original node indices)."""
+    tokens, parents, logp, selected = torch.ops.c2t_fast.rerank_tree(
+        tree.tokens, tree.parents, tree.logp, int(total_tokens))
+    return Tree(tokens, parents, logp), selected
+
+
+def verify_greedy(tokens: torch.Tensor, parents, target: torch.Tensor) -> Verdict:
+    """Greedy acceptance. ``target`` is the target's logits over the tree ``[T, V]`` or their
+    argmax ``int64[T]``."""
+    return Verdict(*torch.ops.c2t_fast.verify_greedy(tokens, _as_parents(parents), target))
+
+
+def verify_sample(tokens: torch.Tensor, parents, probs: torch.Tensor,
+                  uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Verdict:
+    """Lossless sampling acceptance. ``probs [T, V]`` are the target's processed probabilities
+    (temperature / top-k / top-p applied); ``uniforms float64[T]`` (slot 0 draws the bonus token)
+    are drawn from ``generator`` when not given."""
+    if uniforms is None:
+        uniforms = torch.rand(tokens.numel(), dtype=torch.float64, generator=generator,
+                              device=probs.device if generator is None else generator.device)
+        uniforms = uniforms.to(probs.device)
+    return Verdict(*torch.ops.c2t_fast.verify_sample(tokens, _as_parents(parents), probs, uniforms))
+
+
+def compact_kv(caches: Sequence[torch.Tensor], prefix_len: int, accepted: torch.Tensor) -> int:
+    """Move the accepted tree slots of every cache ``[B, Hkv, S, D]`` right after the prefix, in
+    place, in one call. Returns the new valid length ``prefix_len + len(accepted)``."""
+    torch.ops.c2t_fast.compact_kv(list(caches), int(prefix_len), accepted)
+    return int(prefix_len) + accepted.numel()

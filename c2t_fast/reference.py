@@ -1,0 +1,207 @@
+"""Pure-torch references of the c2t_fast ops.
+
+They define the semantics the compiled kernels are tested against, and are the explicit fallback
+when a CUDA kernel is not compiled. They are written in plain tensor code as EAGLE does (vectorised
+where the computation allows), not tuned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_parents(parents: torch.Tensor, op: str) -> None:
+    T = parents.numel()
+    if T < 1:
+        raise ValueError(f"{op}: the tree needs at least the root node")
+    p = parents.to(torch.int64).cpu()
+    if p[0].item() != -1:
+        raise ValueError(f"{op}: node 0 must be the root (parents[0] == -1), got parents[0] = {p[0].item()}")
+    idx = torch.arange(T)
+    bad = ((p < 0) | (p >= idx))[1:].nonzero()
+    if bad.numel():
+        i = bad[0].item() + 1
+        raise ValueError(
+            f"{op}: parents[{i}] = {p[i].item()} is invalid; every non-root node needs a parent with a "
+            "smaller index (topological order, root at node 0, no cycles)"
+        )
+
+
+def build_tree(parents: torch.Tensor, prefix_len: int):
+    """parents int32[T] -> (depth int32[T], ancestor_bits int64[T, W], position_ids int64[T],
+    retrieve_indices int64[L, max_depth+1], leaves int64[L])."""
+    _check_parents(parents, "build_tree")
+    T = parents.numel()
+    dev = parents.device
+    p = parents.to(torch.int64)
+    # Ancestor matrix by pointer doubling over the parent chain: anc[i, j] iff j is i or above i.
+    anc = torch.eye(T, dtype=torch.bool, device=dev)
+    depth = torch.zeros(T, dtype=torch.int64, device=dev)
+    hop = p.clone()
+    while True:
+        alive = hop >= 0
+        if not bool(alive.any()):
+            break
+        rows = alive.nonzero().squeeze(1)
+        anc[rows, hop[rows]] = True
+        depth += alive.to(torch.int64)
+        hop = torch.where(alive, p[hop.clamp(min=0)], hop)
+    W = (T + 63) // 64
+    padded = torch.zeros(T, W * 64, dtype=torch.int64, device=dev)
+    padded[:, :T] = anc.to(torch.int64)
+    weights = torch.ones(64, dtype=torch.int64, device=dev) << torch.arange(64, device=dev)
+    bits = (padded.view(T, W, 64) * weights).sum(-1)  # wraps to int64 two's complement for bit 63
+    has_child = torch.zeros(T, dtype=torch.bool, device=dev)
+    has_child[p[1:]] = True
+    leaves = (~has_child).nonzero().squeeze(1)
+    max_depth = int(depth.max().item())
+    retrieve = torch.full((leaves.numel(), max_depth + 1), -1, dtype=torch.int64, device=dev)
+    # For leaf l, node j is on its path iff anc[leaf, j]; it sits at column depth[j].
+    on_path = anc[leaves]
+    li, nj = on_path.nonzero(as_tuple=True)
+    retrieve[li, depth[nj]] = nj
+    return depth.to(torch.int32), bits, depth + prefix_len, retrieve, leaves
+
+
+def _ordered(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """candidates sorted by (score desc, index asc), NaN last."""
+    s = torch.nan_to_num(score[candidates].to(torch.float64), nan=float("-inf"))
+    # stable sort on -score keeps index order among ties
+    order = torch.sort(-s, stable=True).indices
+    return candidates[order]
+
+
+def prune_tree(tree_tokens, tree_parents, tree_logp, cand_parent, cand_token, cand_logp, cand_conf,
+               cand_keep, max_keep: int):
+    """C2T's second pruning: keep at most max_keep of the kept candidates by confidence (ties by
+    index), append them in candidate order. max_keep < 0 keeps every kept candidate."""
+    T = tree_tokens.numel()
+    if cand_parent.numel() and (cand_parent.min() < 0 or cand_parent.max() >= T):
+        raise ValueError(f"prune_tree: cand_parent holds a node that is not in the {T}-node tree")
+    _check_parents(tree_parents, "prune_tree")
+    kept = cand_keep.nonzero().squeeze(1)
+    if max_keep >= 0 and kept.numel() > max_keep:
+        kept = torch.sort(_ordered(cand_conf, kept)[:max_keep]).values
+    tokens = torch.cat([tree_tokens, cand_token[kept]])
+    parents = torch.cat([tree_parents, cand_parent[kept].to(torch.int32)])
+    logp = torch.cat([tree_logp, cand_logp[kept]])
+    frontier = torch.arange(T, T + kept.numel(), dtype=torch.int64, device=tree_tokens.device)
+    return tokens, parents, logp, frontier, kept
+
+
+def rerank_tree(tokens, parents, logp, total_tokens: int):
+    """EAGLE-2 rerank: the root plus the top (total_tokens - 1) nodes by joint log-prob (ties by
+    index), closed under parents, renumbered in topological order."""
+    if total_tokens < 1:
+        raise ValueError(f"rerank_tree: total_tokens counts the root and must be >= 1, got {total_tokens}")
+    _check_parents(parents, "rerank_tree")
+    T = tokens.numel()
+    p = parents.tolist()
+    order = _ordered(logp, torch.arange(1, T, device=tokens.device)).tolist()
+    chosen = [False] * T
+    chosen[0] = True
+    count = 1
+    for idx in order:
+        if count >= total_tokens:
+            break
+        missing = []
+        j = idx
+        while j != -1 and not chosen[j]:
+            missing.append(j)
+            j = p[j]
+        if not missing or count + len(missing) > total_tokens:
+            continue
+        for j in missing:
+            chosen[j] = True
+        count += len(missing)
+    selected = torch.tensor([i for i in range(T) if chosen[i]], dtype=torch.int64, device=tokens.device)
+    renum = torch.full((T,), -1, dtype=torch.int64, device=tokens.device)
+    renum[selected] = torch.arange(selected.numel(), device=tokens.device)
+    sel_par = parents.to(torch.int64)[selected]
+    new_parents = torch.where(sel_par >= 0, renum[sel_par.clamp(min=0)], sel_par).to(torch.int32)
+    return tokens[selected], new_parents, logp[selected], selected
+
+
+def _depths(p: list[int]) -> list[int]:
+    d = [0] * len(p)
+    for i in range(1, len(p)):
+        d[i] = d[p[i]] + 1
+    return d
+
+
+def verify_greedy(tokens, parents, target):
+    """Greedy acceptance: node i is accepted iff its parent is and tokens[i] == argmax(target[parent]).
+    The deepest accepted node (lowest index on ties) ends the path; bonus = argmax at that node."""
+    _check_parents(parents, "verify_greedy")
+    pred = target if target.dtype == torch.int64 else target.argmax(-1)
+    p = parents.to(torch.int64)
+    match = tokens == pred[p.clamp(min=0)]
+    match[0] = True
+    # accepted = every node on the root->i path matched; propagate down the tree in depth order.
+    accepted = match.clone()
+    depth = torch.tensor(_depths(parents.tolist()), device=tokens.device)
+    for d in range(1, int(depth.max().item()) + 1):
+        at = depth == d
+        accepted[at] &= accepted[p[at]]
+    key = torch.where(accepted, depth, torch.full_like(depth, -1))
+    best = int(torch.argmax(key).item())  # first maximum: lowest index among the deepest
+    path = []
+    j = best
+    plist = parents.tolist()
+    while j != -1:
+        path.append(j)
+        j = plist[j]
+    path_t = torch.tensor(path[::-1], dtype=torch.int64, device=tokens.device)
+    return path_t, pred[best].clone()
+
+
+def verify_sample(tokens, parents, probs, uniforms):
+    """Lossless multi-candidate sampling acceptance (SpecInfer / EAGLE with q = 1): at each accepted
+    node try its children in index order, accept child x iff u[x] * mass < p(x); on rejection zero
+    p(x) and renormalise (mass -= p(x)); the bonus token is drawn from the residual with u[0]."""
+    _check_parents(parents, "verify_sample")
+    T = tokens.numel()
+    plist = parents.tolist()
+    tok = tokens.tolist()
+    u = uniforms.to(torch.float64).tolist()
+    kids: list[list[int]] = [[] for _ in range(T)]
+    for i in range(1, T):
+        kids[plist[i]].append(i)
+    path = [0]
+    cur = 0
+    while True:
+        row = probs[cur].to(torch.float64).clone()
+        mass = float(row.sum().item())
+        nxt = -1
+        for c in kids[cur]:
+            px = float(row[tok[c]].item())
+            if u[c] * mass < px:
+                nxt = c
+                break
+            mass -= px
+            row[tok[c]] = 0.0
+        if nxt < 0:
+            break
+        path.append(nxt)
+        cur = nxt
+    cdf = torch.cumsum(row, 0)
+    hit = (cdf > u[0] * mass) & (row > 0)
+    if bool(hit.any()):
+        bonus = int(hit.nonzero()[0].item())
+    else:
+        positive = (row > 0).nonzero()
+        bonus = int(positive[-1].item()) if positive.numel() else 0
+    return (torch.tensor(path, dtype=torch.int64, device=tokens.device),
+            torch.tensor(bonus, dtype=torch.int64, device=tokens.device))
+
+
+def compact_kv(caches, prefix_len: int, accepted):
+    """Move rows prefix_len + accepted[i] to prefix_len + i of every cache [B, H, S, D], in place."""
+    acc = accepted.to(torch.int64)
+    n = acc.numel()
+    S = caches[0].shape[2]
+    if n and (acc.min() < 0 or prefix_len + acc.max() >= S or bool((acc[1:] <= acc[:-1]).any())):
+        raise ValueError("compact_kv: accepted must be strictly increasing tree slots inside the cache")
+    src = acc + prefix_len
+    for c in caches:
+        c[:, :, prefix_len:prefix_len + n] = c[:, :, src].clone()

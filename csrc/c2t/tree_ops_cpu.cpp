@@ -1,0 +1,439 @@
+// CPU kernels of the token-tree ops. All loops are O(T * words) or O(T log T); trees are small
+// (T <= a few thousand), so the cost is dominated by dispatch, which is why these run serially
+// except compact_kv, which moves real cache bytes and is parallel over (layer, batch, head).
+#include "tree_ops.h"
+#include "tree_checks.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+namespace c2t_fast {
+
+void check_parents(const at::Tensor& parents, const char* op) {
+  const int32_t* p = parents.data_ptr<int32_t>();
+  const int64_t T = parents.numel();
+  TORCH_CHECK_VALUE(T >= 1, op, ": the tree needs at least the root node");
+  if (p[0] != -1) fail_bad_parent(op, 0, p[0]);
+  for (int64_t i = 1; i < T; ++i) {
+    if (p[i] < 0 || p[i] >= i) fail_bad_parent(op, i, p[i]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree_cpu(
+    const at::Tensor& parents_in, int64_t prefix_len) {
+  const char* op = "build_tree";
+  check_vec(parents_in, op, "parents", at::kInt);
+  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
+  const at::Tensor parents = parents_in.contiguous();
+  check_parents(parents, op);
+  const int32_t* p = parents.data_ptr<int32_t>();
+  const int64_t T = parents.numel();
+  const int64_t W = (T + 63) / 64;
+
+  auto i32 = parents.options();
+  auto i64 = parents.options().dtype(at::kLong);
+  at::Tensor depth = at::empty({T}, i32);
+  at::Tensor bits = at::zeros({T, W}, i64);
+  at::Tensor pos = at::empty({T}, i64);
+  int32_t* d = depth.data_ptr<int32_t>();
+  uint64_t* b = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  int64_t* ps = pos.data_ptr<int64_t>();
+  std::vector<uint8_t> has_child(T, 0);
+  int32_t max_depth = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    if (i > 0) {
+      const int32_t par = p[i];
+      d[i] = d[par] + 1;
+      std::memcpy(b + i * W, b + par * W, W * sizeof(uint64_t));
+      has_child[par] = 1;
+    } else {
+      d[i] = 0;
+    }
+    b[i * W + i / 64] |= uint64_t(1) << (i % 64);
+    ps[i] = prefix_len + d[i];
+    max_depth = std::max(max_depth, d[i]);
+  }
+  int64_t L = 0;
+  for (int64_t i = 0; i < T; ++i) L += has_child[i] ? 0 : 1;
+  at::Tensor leaves = at::empty({L}, i64);
+  at::Tensor retrieve = at::full({L, max_depth + 1}, -1, i64);
+  int64_t* lv = leaves.data_ptr<int64_t>();
+  int64_t* r = retrieve.data_ptr<int64_t>();
+  for (int64_t i = 0, l = 0; i < T; ++i) {
+    if (has_child[i]) continue;
+    lv[l] = i;
+    for (int64_t j = i; j != -1; j = p[j]) r[l * (max_depth + 1) + d[j]] = j;
+    ++l;
+  }
+  return {depth, bits, pos, retrieve, leaves};
+}
+
+namespace {
+
+// Orders candidates by (confidence desc, index asc); NaN confidences sort last.
+struct ByConfidence {
+  const float* c;
+  bool operator()(int64_t a, int64_t b) const {
+    const float ca = std::isnan(c[a]) ? -INFINITY : c[a];
+    const float cb = std::isnan(c[b]) ? -INFINITY : c[b];
+    return ca > cb || (ca == cb && a < b);
+  }
+};
+
+void check_float_vec(const at::Tensor& t, const char* op, const char* name) {
+  check_vec(t, op, name, at::kFloat);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_tree_cpu(
+    const at::Tensor& tree_tokens, const at::Tensor& tree_parents, const at::Tensor& tree_logp,
+    const at::Tensor& cand_parent, const at::Tensor& cand_token, const at::Tensor& cand_logp,
+    const at::Tensor& cand_conf, const at::Tensor& cand_keep, int64_t max_keep) {
+  const char* op = "prune_tree";
+  check_tree_args(tree_tokens, tree_parents, op);
+  check_float_vec(tree_logp, op, "tree_logp");
+  TORCH_CHECK_VALUE(tree_logp.numel() == tree_tokens.numel(), op, ": tree_logp has ",
+                    tree_logp.numel(), " entries for ", tree_tokens.numel(), " nodes");
+  check_vec(cand_parent, op, "cand_parent", at::kLong);
+  check_vec(cand_token, op, "cand_token", at::kLong);
+  check_float_vec(cand_logp, op, "cand_logp");
+  check_float_vec(cand_conf, op, "cand_conf");
+  check_vec(cand_keep, op, "cand_keep", at::kBool);
+  const int64_t N = cand_parent.numel();
+  for (const at::Tensor* t : {&cand_token, &cand_logp, &cand_conf, &cand_keep}) {
+    TORCH_CHECK_VALUE(t->numel() == N, op, ": all candidate arrays need ", N,
+                      " entries (as cand_parent), got one with ", t->numel());
+  }
+  const int64_t T = tree_tokens.numel();
+  const int64_t* cp = cand_parent.contiguous().data_ptr<int64_t>();
+  at::Tensor conf_c = cand_conf.contiguous();
+  at::Tensor keep_c = cand_keep.contiguous();
+  const float* conf = conf_c.data_ptr<float>();
+  const bool* keep = keep_c.data_ptr<bool>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK_VALUE(cp[i] >= 0 && cp[i] < T, op, ": cand_parent[", i, "] = ", cp[i],
+                      " is not a node of the ", T, "-node tree");
+  }
+  check_parents(tree_parents.contiguous(), op);
+
+  std::vector<int64_t> sel;
+  sel.reserve(N);
+  for (int64_t i = 0; i < N; ++i)
+    if (keep[i]) sel.push_back(i);
+  if (max_keep >= 0 && static_cast<int64_t>(sel.size()) > max_keep) {
+    std::partial_sort(sel.begin(), sel.begin() + max_keep, sel.end(), ByConfidence{conf});
+    sel.resize(max_keep);
+    std::sort(sel.begin(), sel.end());
+  }
+  const int64_t n = static_cast<int64_t>(sel.size());
+  at::Tensor selected = at::empty({n}, cand_parent.options());
+  std::copy(sel.begin(), sel.end(), selected.data_ptr<int64_t>());
+  at::Tensor tokens = at::cat({tree_tokens, cand_token.index_select(0, selected)});
+  at::Tensor parents =
+      at::cat({tree_parents, cand_parent.index_select(0, selected).to(at::kInt)});
+  at::Tensor logp = at::cat({tree_logp, cand_logp.index_select(0, selected)});
+  at::Tensor frontier = at::arange(T, T + n, cand_parent.options());
+  return {tokens, parents, logp, frontier, selected};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rerank_tree_cpu(
+    const at::Tensor& tokens, const at::Tensor& parents_in, const at::Tensor& logp_in,
+    int64_t total_tokens) {
+  const char* op = "rerank_tree";
+  check_tree_args(tokens, parents_in, op);
+  check_float_vec(logp_in, op, "logp");
+  TORCH_CHECK_VALUE(logp_in.numel() == tokens.numel(), op, ": logp has ", logp_in.numel(),
+                    " entries for ", tokens.numel(), " nodes");
+  TORCH_CHECK_VALUE(total_tokens >= 1, op, ": total_tokens counts the root and must be >= 1, got ",
+                    total_tokens);
+  const at::Tensor parents = parents_in.contiguous();
+  check_parents(parents, op);
+  const at::Tensor logp_c = logp_in.contiguous();
+  const int32_t* p = parents.data_ptr<int32_t>();
+  const float* lp = logp_c.data_ptr<float>();
+  const int64_t T = tokens.numel();
+
+  std::vector<int64_t> order(T - 1);
+  std::iota(order.begin(), order.end(), 1);
+  std::stable_sort(order.begin(), order.end(), [lp](int64_t a, int64_t b) {
+    const float la = std::isnan(lp[a]) ? -INFINITY : lp[a];
+    const float lb = std::isnan(lp[b]) ? -INFINITY : lp[b];
+    return la > lb;
+  });
+  // Greedy top-N that stays closed under parents: a node enters together with any ancestors not yet
+  // chosen, or not at all. With monotone joint log-probs this is exactly EAGLE-2's top-N.
+  std::vector<uint8_t> chosen(T, 0);
+  chosen[0] = 1;
+  int64_t count = 1;
+  for (int64_t idx : order) {
+    if (count >= total_tokens) break;
+    if (chosen[idx]) continue;
+    int64_t missing = 0;
+    for (int64_t j = idx; j != -1 && !chosen[j]; j = p[j]) ++missing;
+    if (count + missing > total_tokens) continue;
+    for (int64_t j = idx; j != -1 && !chosen[j]; j = p[j]) chosen[j] = 1;
+    count += missing;
+  }
+  at::Tensor selected = at::empty({count}, tokens.options());
+  at::Tensor new_parents = at::empty({count}, parents.options());
+  int64_t* s = selected.data_ptr<int64_t>();
+  int32_t* np = new_parents.data_ptr<int32_t>();
+  std::vector<int32_t> renum(T, -1);
+  for (int64_t i = 0, k = 0; i < T; ++i) {
+    if (!chosen[i]) continue;
+    renum[i] = static_cast<int32_t>(k);
+    s[k] = i;
+    np[k] = i == 0 ? -1 : renum[p[i]];
+    ++k;
+  }
+  return {tokens.index_select(0, selected), new_parents, logp_in.index_select(0, selected),
+          selected};
+}
+
+namespace {
+
+template <typename scalar_t>
+void argmax_rows(const at::Tensor& logits, int64_t* out) {
+  const int64_t T = logits.size(0), V = logits.size(1);
+  const scalar_t* x = logits.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < T; ++i) {
+    const scalar_t* row = x + i * V;
+    int64_t best = 0;
+    float bv = static_cast<float>(row[0]);
+    for (int64_t v = 1; v < V; ++v) {
+      const float xv = static_cast<float>(row[v]);
+      // Same convention as torch.argmax: first maximum wins, NaN counts as the maximum.
+      if (!std::isnan(bv) && (xv > bv || std::isnan(xv))) {
+        bv = xv;
+        best = v;
+      }
+    }
+    out[i] = best;
+  }
+}
+
+std::vector<int64_t> path_to(const int32_t* p, const int32_t* depth, int64_t node) {
+  std::vector<int64_t> path(depth[node] + 1);
+  for (int64_t j = node; j != -1; j = p[j]) path[depth[j]] = j;
+  return path;
+}
+
+at::Tensor to_tensor(const std::vector<int64_t>& v, const at::TensorOptions& opt) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, opt);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+void check_target_rows(const at::Tensor& target, int64_t T, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == T, op, ": ", name,
+                    " must be [T, V] with T = ", T, " tree nodes, got shape ", target.sizes());
+  TORCH_CHECK_VALUE(target.size(1) >= 1, op, ": ", name, " has an empty vocabulary dimension");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens_in,
+                                                     const at::Tensor& parents_in,
+                                                     const at::Tensor& target) {
+  const char* op = "verify_greedy";
+  check_tree_args(tokens_in, parents_in, op);
+  const int64_t T = tokens_in.numel();
+  at::Tensor pred;
+  if (target.scalar_type() == at::kLong) {
+    check_vec(target, op, "target (argmax ids)", at::kLong);
+    TORCH_CHECK_VALUE(target.numel() == T, op, ": target argmax has ", target.numel(),
+                      " entries for ", T, " nodes");
+    pred = target.contiguous();
+  } else {
+    TORCH_CHECK_VALUE(at::isFloatingType(target.scalar_type()), op,
+                      ": target must be int64 argmax ids [T] or floating logits [T, V], got ",
+                      target.scalar_type());
+    check_target_rows(target, T, op, "target logits");
+    pred = at::empty({T}, tokens_in.options());
+    const at::Tensor logits = target.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "argmax_rows",
+                                    [&] { argmax_rows<scalar_t>(logits, pred.data_ptr<int64_t>()); });
+  }
+  const at::Tensor parents = parents_in.contiguous();
+  check_parents(parents, op);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const int32_t* p = parents.data_ptr<int32_t>();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* pr = pred.data_ptr<int64_t>();
+  std::vector<uint8_t> acc(T, 0);
+  std::vector<int32_t> depth(T, 0);
+  acc[0] = 1;
+  int64_t best = 0;
+  for (int64_t i = 1; i < T; ++i) {
+    depth[i] = depth[p[i]] + 1;
+    acc[i] = acc[p[i]] && tok[i] == pr[p[i]];
+    if (acc[i] && depth[i] > depth[best]) best = i;
+  }
+  at::Tensor path = to_tensor(path_to(p, depth.data(), best), tokens.options());
+  return {path, at::scalar_tensor(pr[best], tokens.options())};
+}
+
+namespace {
+
+template <typename scalar_t>
+std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const int64_t* tok,
+                                                      const scalar_t* probs, int64_t T, int64_t V,
+                                                      const double* u) {
+  // Children in index order (CSR): sibling order is the order candidates are tried in.
+  std::vector<int64_t> start(T + 1, 0), kids(std::max<int64_t>(T - 1, 0));
+  for (int64_t i = 1; i < T; ++i) ++start[p[i] + 1];
+  for (int64_t i = 0; i < T; ++i) start[i + 1] += start[i];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 1; i < T; ++i) kids[fill[p[i]]++] = i;
+
+  std::vector<int64_t> path{0};
+  std::vector<int64_t> rejected;
+  int64_t cur = 0;
+  double mass = 0.0;
+  while (true) {
+    const scalar_t* row = probs + cur * V;
+    mass = 0.0;
+    for (int64_t v = 0; v < V; ++v) mass += static_cast<double>(row[v]);
+    rejected.clear();
+    int64_t next = -1;
+    for (int64_t k = start[cur]; k < start[cur + 1]; ++k) {
+      const int64_t c = kids[k];
+      const int64_t x = tok[c];
+      const bool seen = std::find(rejected.begin(), rejected.end(), x) != rejected.end();
+      const double px = seen ? 0.0 : static_cast<double>(row[x]);
+      if (u[c] * mass < px) {
+        next = c;
+        break;
+      }
+      if (!seen) {
+        mass -= px;
+        rejected.push_back(x);
+      }
+    }
+    if (next < 0) break;
+    path.push_back(next);
+    cur = next;
+  }
+  // Bonus token: inverse CDF of the residual (rejected tokens zeroed, renormalised via `mass`).
+  const scalar_t* row = probs + cur * V;
+  const double target = u[0] * mass;
+  double acc = 0.0;
+  int64_t bonus = -1, last_pos = -1;
+  for (int64_t v = 0; v < V; ++v) {
+    if (std::find(rejected.begin(), rejected.end(), v) != rejected.end()) continue;
+    const double pv = static_cast<double>(row[v]);
+    if (pv <= 0.0) continue;
+    last_pos = v;
+    acc += pv;
+    if (acc > target) {
+      bonus = v;
+      break;
+    }
+  }
+  if (bonus < 0) bonus = last_pos;  // rounding left the target just past the residual's mass
+  if (bonus < 0) bonus = 0;         // residual empty: only reachable with an all-zero row
+  return {path, bonus};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& tokens_in,
+                                                     const at::Tensor& parents_in,
+                                                     const at::Tensor& probs_in,
+                                                     const at::Tensor& uniforms_in) {
+  const char* op = "verify_sample";
+  check_tree_args(tokens_in, parents_in, op);
+  const int64_t T = tokens_in.numel();
+  TORCH_CHECK_VALUE(at::isFloatingType(probs_in.scalar_type()), op,
+                    ": probs must be floating point, got ", probs_in.scalar_type());
+  check_target_rows(probs_in, T, op, "probs");
+  check_vec(uniforms_in, op, "uniforms", at::kDouble);
+  TORCH_CHECK_VALUE(uniforms_in.numel() == T, op, ": uniforms needs one draw per node (", T,
+                    "; slot 0 draws the bonus token), got ", uniforms_in.numel());
+  const at::Tensor parents = parents_in.contiguous();
+  check_parents(parents, op);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const int64_t V = probs_in.size(1);
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t i = 1; i < T; ++i) {
+    TORCH_CHECK_VALUE(tok[i] >= 0 && tok[i] < V, op, ": tokens[", i, "] = ", tok[i],
+                      " is outside the vocabulary of size ", V);
+  }
+  const at::Tensor probs = probs_in.contiguous();
+  const at::Tensor uniforms = uniforms_in.contiguous();
+  std::tuple<std::vector<int64_t>, int64_t> res;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "verify_sample", [&] {
+    res = sample_walk<scalar_t>(parents.data_ptr<int32_t>(), tok, probs.data_ptr<scalar_t>(), T, V,
+                                uniforms.data_ptr<double>());
+  });
+  return {to_tensor(std::get<0>(res), tokens.options()),
+          at::scalar_tensor(std::get<1>(res), tokens.options())};
+}
+
+void check_compact_args(at::TensorList caches, int64_t prefix_len, const at::Tensor& accepted,
+                        const int64_t* acc) {
+  const char* op = "compact_kv";
+  TORCH_CHECK_VALUE(!caches.empty(), op, ": caches is empty");
+  const at::Tensor& c0 = caches[0];
+  TORCH_CHECK_VALUE(c0.dim() == 4, op, ": caches must be [B, Hkv, S, D], got shape ", c0.sizes());
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& c = caches[i];
+    TORCH_CHECK_VALUE(c.sizes() == c0.sizes(), op, ": caches[", i, "] has shape ", c.sizes(),
+                      " but caches[0] has ", c0.sizes());
+    TORCH_CHECK_VALUE(c.scalar_type() == c0.scalar_type(), op, ": caches[", i, "] is ",
+                      c.scalar_type(), " but caches[0] is ", c0.scalar_type());
+    TORCH_CHECK_VALUE(c.device() == c0.device(), op, ": caches[", i, "] is on ", c.device(),
+                      " but caches[0] is on ", c0.device());
+    TORCH_CHECK_VALUE(c.stride(3) == 1, op, ": caches[", i,
+                      "] must be contiguous in the head dimension (stride(-1) == 1)");
+  }
+  check_vec(accepted, op, "accepted", at::kLong);
+  check_same_device(c0, accepted, op, "caches", "accepted");
+  const int64_t S = c0.size(2);
+  TORCH_CHECK_VALUE(prefix_len >= 0 && prefix_len <= S, op, ": prefix_len ", prefix_len,
+                    " is outside the cache length ", S);
+  const int64_t n = accepted.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(acc[i] >= 0 && prefix_len + acc[i] < S, op, ": accepted[", i, "] = ", acc[i],
+                      " points outside the ", S - prefix_len, " tree slots after the prefix");
+    TORCH_CHECK_VALUE(i == 0 || acc[i] > acc[i - 1], op,
+                      ": accepted must be strictly increasing (a root-to-node path in topological "
+                      "order), got accepted[",
+                      i - 1, "] = ", acc[i - 1], ", accepted[", i, "] = ", acc[i]);
+  }
+}
+
+void compact_kv_cpu(at::TensorList caches, int64_t prefix_len, const at::Tensor& accepted_in) {
+  const at::Tensor accepted = accepted_in.contiguous();
+  TORCH_CHECK_VALUE(accepted.scalar_type() == at::kLong, "compact_kv: accepted must be int64, got ",
+                    accepted.scalar_type());
+  const int64_t* acc = accepted.data_ptr<int64_t>();
+  check_compact_args(caches, prefix_len, accepted, acc);
+  const int64_t n = accepted.numel();
+  const at::Tensor& c0 = caches[0];
+  const int64_t B = c0.size(0), H = c0.size(1), D = c0.size(3);
+  const int64_t row_bytes = D * c0.element_size();
+  const int64_t jobs = static_cast<int64_t>(caches.size()) * B * H;
+  // Rows move towards the prefix in increasing order and accepted[i] >= i, so no source row is
+  // overwritten before it is read.
+  at::parallel_for(0, jobs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t t = job / (B * H), b = (job / H) % B, h = job % H;
+      const at::Tensor& c = caches[t];
+      char* base = static_cast<char*>(c.data_ptr()) +
+                   (b * c.stride(0) + h * c.stride(1)) * c.element_size();
+      const int64_t ss = c.stride(2) * c.element_size();
+      for (int64_t i = 0; i < n; ++i) {
+        if (acc[i] == i) continue;
+        std::memcpy(base + (prefix_len + i) * ss, base + (prefix_len + acc[i]) * ss, row_bytes);
+      }
+    }
+  });
+}
+
+}  // namespace c2t_fast

@@ -1,0 +1,36 @@
+import os
+
+# Set before anything imports transformers or triton: tests never touch a hub, and Triton kernels
+# run through the interpreter on CPU-only machines.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def devices():
+    """cpu always; cuda (marked gpu) where present."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def poison():
+    """Fill the allocator's free memory with garbage so that an output the kernel forgets to write
+    shows up as wrong values rather than as lucky zeros."""
+
+    def run(device: str, nbytes: int = 1 << 22):
+        junk = torch.full((nbytes // 8,), -7777777, dtype=torch.int64, device=device)
+        del junk
+
+    return run
