@@ -130,14 +130,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_tre
     sel.resize(max_keep);
     std::sort(sel.begin(), sel.end());
   }
+  // Outputs are written directly: at this size a handful of cat/index_select calls would cost more
+  // than the selection itself.
   const int64_t n = static_cast<int64_t>(sel.size());
   at::Tensor selected = at::empty({n}, cand_parent.options());
-  std::copy(sel.begin(), sel.end(), selected.data_ptr<int64_t>());
-  at::Tensor tokens = at::cat({tree_tokens, cand_token.index_select(0, selected)});
-  at::Tensor parents =
-      at::cat({tree_parents, cand_parent.index_select(0, selected).to(at::kInt)});
-  at::Tensor logp = at::cat({tree_logp, cand_logp.index_select(0, selected)});
-  at::Tensor frontier = at::arange(T, T + n, cand_parent.options());
+  at::Tensor frontier = at::empty({n}, cand_parent.options());
+  at::Tensor tokens = at::empty({T + n}, tree_tokens.options());
+  at::Tensor parents = at::empty({T + n}, tree_parents.options());
+  at::Tensor logp = at::empty({T + n}, tree_logp.options());
+  const at::Tensor tt = tree_tokens.contiguous(), tp = tree_parents.contiguous(), tl = tree_logp.contiguous();
+  const at::Tensor ct = cand_token.contiguous(), cl = cand_logp.contiguous();
+  int64_t* o_tok = tokens.data_ptr<int64_t>();
+  int32_t* o_par = parents.data_ptr<int32_t>();
+  float* o_lp = logp.data_ptr<float>();
+  std::memcpy(o_tok, tt.data_ptr<int64_t>(), T * sizeof(int64_t));
+  std::memcpy(o_par, tp.data_ptr<int32_t>(), T * sizeof(int32_t));
+  std::memcpy(o_lp, tl.data_ptr<float>(), T * sizeof(float));
+  const int64_t* c_tok = ct.data_ptr<int64_t>();
+  const float* c_lp = cl.data_ptr<float>();
+  int64_t* o_sel = selected.data_ptr<int64_t>();
+  int64_t* o_fr = frontier.data_ptr<int64_t>();
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t c = sel[k];
+    o_sel[k] = c;
+    o_fr[k] = T + k;
+    o_tok[T + k] = c_tok[c];
+    o_par[T + k] = static_cast<int32_t>(cp[c]);
+    o_lp[T + k] = c_lp[c];
+  }
   return {tokens, parents, logp, frontier, selected};
 }
 
@@ -280,6 +300,69 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens_in
 
 namespace {
 
+// Sum of row[lo, hi) in double with 8 independent accumulators (the adds pipeline and vectorise).
+template <typename scalar_t>
+double range_sum(const scalar_t* row, int64_t lo, int64_t hi) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t v = lo;
+  for (; v + 8 <= hi; v += 8)
+    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(row[v + k]);
+  for (; v < hi; ++v) a[0] += static_cast<double>(row[v]);
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+bool contains(const std::vector<int64_t>& xs, int64_t x) {
+  return std::find(xs.begin(), xs.end(), x) != xs.end();
+}
+
+constexpr int64_t kCdfBlock = 1024;
+
+// Row mass as the sum of its kCdfBlock-sized block sums, which the inverse CDF reuses.
+template <typename scalar_t>
+double row_mass(const scalar_t* row, int64_t V, std::vector<double>& blocks) {
+  blocks.clear();
+  double total = 0.0;
+  for (int64_t lo = 0; lo < V; lo += kCdfBlock) {
+    blocks.push_back(range_sum(row, lo, std::min(V, lo + kCdfBlock)));
+    total += blocks.back();
+  }
+  return total;
+}
+
+// Inverse CDF of `row` with the `rejected` tokens removed, at `target` (= u * residual mass).
+// Blocks are skipped by their sums; only the block holding the target is scanned.
+template <typename scalar_t>
+int64_t residual_inverse_cdf(const scalar_t* row, int64_t V, const std::vector<double>& blocks,
+                             const std::vector<int64_t>& rejected, double target) {
+  double acc = 0.0;
+  int64_t last_pos = -1;
+  for (int64_t lo = 0, b = 0; lo < V; lo += kCdfBlock, ++b) {
+    const int64_t hi = std::min(V, lo + kCdfBlock);
+    double block = blocks[b];
+    for (int64_t r : rejected)
+      if (r >= lo && r < hi) block -= static_cast<double>(row[r]);
+    if (acc + block <= target) {
+      acc += block;
+      for (int64_t v = hi - 1; v >= lo && block > 0.0; --v) {
+        if (static_cast<double>(row[v]) > 0.0 && !contains(rejected, v)) {
+          last_pos = v;
+          break;
+        }
+      }
+      continue;
+    }
+    for (int64_t v = lo; v < hi; ++v) {
+      const double pv = static_cast<double>(row[v]);
+      if (pv <= 0.0 || contains(rejected, v)) continue;
+      last_pos = v;
+      acc += pv;
+      if (acc > target) return v;
+    }
+  }
+  // Rounding left the target just past the residual's mass (or the residual is empty).
+  return last_pos >= 0 ? last_pos : 0;
+}
+
 template <typename scalar_t>
 std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const int64_t* tok,
                                                       const scalar_t* probs, int64_t T, int64_t V,
@@ -293,18 +376,18 @@ std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const in
 
   std::vector<int64_t> path{0};
   std::vector<int64_t> rejected;
+  std::vector<double> blocks;
   int64_t cur = 0;
   double mass = 0.0;
   while (true) {
     const scalar_t* row = probs + cur * V;
-    mass = 0.0;
-    for (int64_t v = 0; v < V; ++v) mass += static_cast<double>(row[v]);
+    mass = row_mass(row, V, blocks);
     rejected.clear();
     int64_t next = -1;
     for (int64_t k = start[cur]; k < start[cur + 1]; ++k) {
       const int64_t c = kids[k];
       const int64_t x = tok[c];
-      const bool seen = std::find(rejected.begin(), rejected.end(), x) != rejected.end();
+      const bool seen = contains(rejected, x);
       const double px = seen ? 0.0 : static_cast<double>(row[x]);
       if (u[c] * mass < px) {
         next = c;
@@ -319,25 +402,7 @@ std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const in
     path.push_back(next);
     cur = next;
   }
-  // Bonus token: inverse CDF of the residual (rejected tokens zeroed, renormalised via `mass`).
-  const scalar_t* row = probs + cur * V;
-  const double target = u[0] * mass;
-  double acc = 0.0;
-  int64_t bonus = -1, last_pos = -1;
-  for (int64_t v = 0; v < V; ++v) {
-    if (std::find(rejected.begin(), rejected.end(), v) != rejected.end()) continue;
-    const double pv = static_cast<double>(row[v]);
-    if (pv <= 0.0) continue;
-    last_pos = v;
-    acc += pv;
-    if (acc > target) {
-      bonus = v;
-      break;
-    }
-  }
-  if (bonus < 0) bonus = last_pos;  // rounding left the target just past the residual's mass
-  if (bonus < 0) bonus = 0;         // residual empty: only reachable with an all-zero row
-  return {path, bonus};
+  return {path, residual_inverse_cdf(probs + cur * V, V, blocks, rejected, u[0] * mass)};
 }
 
 }  // namespace
