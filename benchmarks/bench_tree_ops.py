@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from c2t_fast import reference as ref
-from trees import random_parents
+from support import random_parents
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 OPS = torch.ops.c2t_fast

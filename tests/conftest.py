@@ -19,11 +19,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def devices():
-    """cpu always; cuda (marked gpu) where present."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
 @pytest.fixture
 def poison():
     """Fill the allocator's free memory with garbage so that an output the kernel forgets to write

@@ -5,8 +5,7 @@ import torch
 
 import c2t_fast
 from c2t_fast import reference as ref
-from conftest import devices
-from trees import KINDS, random_parents
+from support import KINDS, devices, random_parents
 
 SIZES = [1, 2, 3, 7, 16, 63, 64, 65, 128, 200, 256]
 

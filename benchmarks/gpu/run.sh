@@ -15,4 +15,4 @@ C2T_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install -q --no-build-is
 echo "== gpu tests"
 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -15
 echo "== microbenchmarks (do_bench medians)"
-"$PY" benchmarks/gpu/bench_gpu.py | tee "$out/gpu_table.md"
+"$PY" benchmarks/gpu/microbench.py | tee "$out/gpu_table.md"

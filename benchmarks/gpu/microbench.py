@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 import c2t_fast  # noqa: E402
 from c2t_fast import reference as ref  # noqa: E402
-from trees import random_parents  # noqa: E402
+from support import random_parents  # noqa: E402
 
 ROWS: list[tuple[str, str, float, str]] = []
 

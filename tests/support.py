@@ -1,8 +1,14 @@
-"""Random token trees for the tests (and benchmarks): every shape the engine can produce."""
+"""Shared helpers of the tests (and benchmarks): devices, random token trees of every shape."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+def devices():
+    """cpu always; cuda (marked gpu, skipped without a GPU)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def random_parents(T: int, kind: str, gen: torch.Generator) -> torch.Tensor:
