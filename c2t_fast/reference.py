@@ -229,3 +229,19 @@ def tree_attention(q, k, v, ancestor_bits, prefix_len: int, scale: float):
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     out = torch.softmax(scores, -1) @ vf
     return out.transpose(1, 2).to(q.dtype)
+
+
+def score_children(logits, top_values, top_indices, parent_logp, depth: int, k: int, w1, b1, w2, b2,
+                   beta: float, log_p: bool):
+    """Unfused reference of one C2T layer: full log-softmax, gather the top-M log-probs, entropy,
+    children, features, MLP, sigmoid, threshold."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top_lp = logp.gather(-1, top_indices)
+    p = top_lp.exp()
+    entropy = -torch.where(p > 0, p * top_lp, torch.zeros_like(p)).sum(-1)
+    child_lp = parent_logp.float()[:, None] + top_lp[:, :k]
+    feats = torch.stack([child_lp if log_p else child_lp.exp(), entropy[:, None].expand_as(child_lp),
+                         torch.full_like(child_lp, float(depth))], -1)
+    z = torch.relu(feats @ w1.float().T + b1.float()) @ w2.float().T + b2.float()
+    conf = torch.sigmoid(z[..., 0])
+    return conf, conf >= beta, top_indices[:, :k].clone(), child_lp, entropy

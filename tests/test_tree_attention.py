@@ -51,12 +51,13 @@ def test_cpu_path_matches_reference(shape, dtype, layout, single_pass, poison):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", GRID[:6])
-def test_triton_kernel_matches_reference(shape, dtype):
+def test_triton_kernel_matches_reference(shape, dtype, poison):
     """Runs through TRITON_INTERPRET=1 on CPU; on a GPU run it is the compiled kernel."""
     B, Hq, Hkv, T, D, P = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v, bits = (t.to(device) for t in _case(B, Hq, Hkv, T, D, P, dtype, 3, "sliced", per_row=True))
     for splits in (None, 2):
+        poison(device)
         out = triton_tree_attention(q, k, v, bits, P, 0.3, num_prefix_splits=splits)
         want = ref.tree_attention(q, k, v, bits, P, 0.3)
         torch.testing.assert_close(out.float(), want.float(), rtol=TOL[dtype][0], atol=TOL[dtype][1])
@@ -81,7 +82,7 @@ def test_opcheck_and_compile():
     q, k, v, bits = _case(1, 6, 2, 9, 64, 30, torch.float32, 0)
     torch.library.opcheck(torch.ops.c2t_fast.tree_attention.default, (q, k, v, bits, 30, 0.125))
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True)
     def layer(q, k, v, bits):
         return torch.ops.c2t_fast.tree_attention(q * 2, k, v, bits, 30, 0.125).sum(-1)
 
@@ -118,6 +119,12 @@ def test_too_many_nodes():
     bits = torch.zeros(T, (T + 63) // 64, dtype=torch.int64)
     with pytest.raises(ValueError, match="outside the supported"):
         c2t_fast.tree_attention(q, kv, kv, bits, 0)
+
+
+def test_device_mismatch_is_an_error_on_any_machine():
+    q, k, v, bits = _case(1, 6, 2, 9, 64, 30, torch.float32, 0)
+    with pytest.raises(ValueError, match="one device"):
+        c2t_fast.tree_attention(q, k, v, bits.to("meta"), 30)
 
 
 @pytest.mark.gpu

@@ -99,12 +99,31 @@ def tree_attention(bw: float) -> None:
             ROWS.append((f"tree_attention T={T} prefix={P}", "Triton vs baselines", ours, "; ".join(notes)))
 
 
+def classifier_scoring() -> None:
+    """One C2T layer on the GPU: topk + fused Triton scoring vs the unfused torch sequence."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from bench_classifier import M, fused, unfused
+
+    for n in (1, 15, 150):
+        gen = torch.Generator().manual_seed(n)
+        logits = (torch.randn(n, 49152, generator=gen) * 3).cuda()
+        parent = -torch.rand(n, generator=gen).cuda()
+        w = tuple(t.cuda() for t in (torch.randn(48, 3, generator=gen), torch.randn(48, generator=gen),
+                                     torch.randn(1, 48, generator=gen), torch.randn(1, generator=gen)))
+        ours, base = bench(lambda: fused(logits, parent, w)), bench(lambda: unfused(logits, parent, w))
+        tv, ti = torch.topk(logits, M)
+        op_only = bench(lambda: c2t_fast.ops.score_children(logits, tv, ti, parent, 3, 15, w, 0.5))
+        ROWS.append((f"score_children n={n} V=49152 M=1000 K=15", "topk + Triton vs unfused torch", ours,
+                     f"{base / ours:.2f}x; scoring alone (no topk) {op_only:.4f} ms"))
+
+
 def main() -> None:
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbs()
     print(f"Device: {dev}; torch {torch.__version__}; measured copy bandwidth {bw:.0f} GB/s\n")
     tree_ops()
     tree_attention(bw)
+    classifier_scoring()
     print("| benchmark | comparison | ours (ms) | speed-up / notes |")
     print("|---|---|---|---|")
     for name, what, ms, note in ROWS:

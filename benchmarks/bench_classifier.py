@@ -1,0 +1,51 @@
+"""Per-layer C2T scoring on the CPU: the fused op (with the torch.topk it takes as input) vs the
+unfused torch sequence (log_softmax, topk, entropy, MLP, sigmoid). V = 49152 (SmolLM2), M = 1000,
+K = 15, h = 48.
+
+Run: pytest benchmarks/bench_classifier.py --benchmark-enable --benchmark-json=clf.json
+"""
+
+import pytest
+import torch
+
+from c2t_fast import ops
+
+V, M, K, H = 49152, 1000, 15, 48
+
+
+def _inputs(n):
+    gen = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, V, generator=gen) * 3
+    parent = -torch.rand(n, generator=gen)
+    w = (torch.randn(H, 3, generator=gen), torch.randn(H, generator=gen), torch.randn(1, H, generator=gen),
+         torch.randn(1, generator=gen))
+    return logits, parent, w
+
+
+def fused(logits, parent, w):
+    tv, ti = torch.topk(logits, M)
+    return ops.score_children(logits, tv, ti, parent, 3, K, w, 0.5)
+
+
+def unfused(logits, parent, w):
+    logp = torch.log_softmax(logits.float(), -1)
+    top_lp, top_i = torch.topk(logp, M)
+    p = top_lp.exp()
+    entropy = -(p * top_lp).nan_to_num().sum(-1)
+    child = parent[:, None] + top_lp[:, :K]
+    feats = torch.stack([child.exp(), entropy[:, None].expand_as(child), torch.full_like(child, 3.0)], -1)
+    conf = torch.sigmoid(torch.relu(feats @ w[0].T + w[1]) @ w[2].T + w[3])[..., 0]
+    return conf, conf >= 0.5, top_i[:, :K], child, entropy
+
+
+IMPLS = {"fused": fused, "unfused_torch": unfused}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [1, 15, 150])
+def bench_score_children_cpu(benchmark, impl, n):
+    args = _inputs(n)
+    a, b = fused(*args), unfused(*args)
+    torch.testing.assert_close(a.confidence, b[0], rtol=1e-4, atol=1e-5)
+    benchmark.group = f"score_children n={n} V={V} M={M} K={K}"
+    benchmark(IMPLS[impl], *args)

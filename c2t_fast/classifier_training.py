@@ -1,0 +1,173 @@
+"""Training of the C2T classifier from a tree dataset (paper App. B).
+
+Balanced negative sampling (all positives plus ``neg_ratio`` times as many negatives, re-drawn every
+epoch), a train/validation split by tree, Adam, BCE-with-logits, and checkpoint selection by
+validation recall first, then the lowest positive rate (the fraction of nodes the classifier would
+keep at the threshold, which drives the verified-token count). Fine-tuning mode: start from a trained
+classifier, lr 1e-4, on a fraction of the new data's trees.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .classifier import C2TClassifier, ClassifierConfig, open_tree_dataset
+
+
+@dataclass
+class TrainConfig:
+    lr: float | None = None  # 1e-3, or 1e-4 when fine-tuning (the paper's values)
+    batch_size: int = 1024
+    epochs: int = 10
+    neg_ratio: float = 1.0
+    val_fraction: float = 0.05
+    threshold: float = 0.5  # beta at which recall / positive rate are measured
+    recall_tolerance: float = 0.005  # recalls this close count as "similar"; then the lower positive rate wins
+    seed: int = 0
+    finetune_from: str | None = None
+    finetune_fraction: float = 0.1  # of the new data's trees, in fine-tuning mode
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.finetune_from is not None else 1e-3
+
+
+def select_epoch(history: list[dict], tolerance: float) -> int:
+    """Index of the checkpoint with the best recall; among those within ``tolerance`` of it, the one
+    with the lowest positive rate (earliest on ties)."""
+    best_recall = max(h["recall"] for h in history)
+    close = [i for i, h in enumerate(history) if h["recall"] >= best_recall - tolerance]
+    return min(close, key=lambda i: (history[i]["positive_rate"], i))
+
+
+def _features(rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack([rows["P"], rows["H"], rows["d"].astype(np.float32)], -1))
+
+
+def split_by_tree(trees: np.ndarray, val_fraction: float, rng: np.random.Generator):
+    """Boolean masks (train, val) over rows; whole trees go to one side."""
+    ids = np.unique(trees)
+    n_val = max(1, int(round(len(ids) * val_fraction))) if len(ids) > 1 else 0
+    val_ids = rng.choice(ids, size=n_val, replace=False)
+    val = np.isin(trees, val_ids)
+    return ~val, val
+
+
+@torch.no_grad()
+def evaluate(model: C2TClassifier, feats: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:
+    logits = torch.cat([model(feats[i:i + 65536]) for i in range(0, len(feats), 65536)]) if len(feats) else feats[:, 0]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item() if len(feats) else float("nan")
+    pred = torch.sigmoid(logits) >= threshold
+    pos = labels > 0.5
+    recall = (pred & pos).sum().item() / max(1, pos.sum().item())
+    return {"val_loss": loss, "recall": recall, "positive_rate": pred.float().mean().item() if len(feats) else 0.0}
+
+
+def train_classifier(data: str, out: str, config: TrainConfig | None = None, progress: bool = True) -> dict:
+    """Train on the tree dataset at ``data``; write the selected classifier, ``report.json`` and
+    ``training.png`` to ``out``. Returns the report."""
+    cfg = config or TrainConfig()
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rows = open_tree_dataset(data)
+    if len(rows) == 0:
+        raise ValueError(f"{data} holds no rows")
+    trees = np.asarray(rows["tree"])
+    if cfg.finetune_from is not None:  # a fraction of the new data's trees
+        ids = np.unique(trees)
+        keep = rng.choice(ids, size=max(2, int(round(len(ids) * cfg.finetune_fraction))), replace=False)
+        sub = np.isin(trees, keep)
+        rows, trees = rows[sub], trees[sub]
+    train_mask, val_mask = split_by_tree(trees, cfg.val_fraction, rng)
+    labels_all = np.asarray(rows["label"])
+    pos_idx = np.flatnonzero(train_mask & (labels_all == 1))
+    neg_idx = np.flatnonzero(train_mask & (labels_all == 0))
+    if len(pos_idx) == 0:
+        raise ValueError(f"{data}: the training split holds no positive rows")
+    val_rows = rows[val_mask]
+    val_feats, val_labels = _features(val_rows), torch.from_numpy(val_rows["label"].astype(np.float32))
+
+    model = C2TClassifier.from_pretrained(cfg.finetune_from) if cfg.finetune_from else C2TClassifier(cfg.model)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate())
+    n_neg = min(len(neg_idx), int(round(len(pos_idx) * cfg.neg_ratio)))
+    history, states = [], []
+    epochs = tqdm(range(cfg.epochs), desc="classifier", disable=not progress)
+    for epoch in epochs:
+        idx = np.concatenate([pos_idx, rng.choice(neg_idx, size=n_neg, replace=False)])
+        batch_rows = rows[np.sort(idx)]  # sorted reads from the memory map
+        feats = _features(batch_rows)
+        labels = torch.from_numpy(batch_rows["label"].astype(np.float32))
+        perm = torch.randperm(len(feats))
+        total = 0.0
+        for i in range(0, len(perm), cfg.batch_size):
+            b = perm[i:i + cfg.batch_size]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(feats[b]), labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        model.eval()
+        stats = {"epoch": epoch, "train_loss": total / len(perm), **evaluate(model, val_feats, val_labels, cfg.threshold)}
+        model.train()
+        history.append(stats)
+        states.append(copy.deepcopy(model.state_dict()))
+        epochs.set_postfix(loss=f"{stats['train_loss']:.4f}", recall=f"{stats['recall']:.3f}",
+                           pos_rate=f"{stats['positive_rate']:.4f}")
+    best = select_epoch(history, cfg.recall_tolerance)
+    model.load_state_dict(states[best])
+    model.eval()
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    report = {
+        "data": os.path.abspath(data), "rows": int(len(rows)), "train_positives": int(len(pos_idx)),
+        "train_negatives_per_epoch": n_neg, "val_rows": int(len(val_rows)),
+        "val_positives": int(val_labels.sum().item()), "selected_epoch": best, "selected": history[best],
+        "history": history, "config": asdict(cfg),
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_training(report, model, os.path.join(out, "training.png"))
+    return report
+
+
+def plot_training(report: dict, model: C2TClassifier, path: str) -> None:
+    """Loss curves, and the confidence as a function of P at several H and d (paper App. D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["history"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ep = [h["epoch"] for h in hist]
+    axes[0].plot(ep, [h["train_loss"] for h in hist], label="train (balanced)")
+    axes[0].plot(ep, [h["val_loss"] for h in hist], label="validation (all nodes)")
+    axes[0].axvline(report["selected_epoch"], color="grey", ls=":", label="selected")
+    axes[0].set(xlabel="epoch", ylabel="BCE", title="loss")
+    axes[0].legend()
+    P = torch.linspace(0, 1, 200)
+    with torch.no_grad():
+        for H in (0.5, 2.0, 4.0, 6.0):
+            axes[1].plot(P, model.confidence(torch.stack([P, torch.full_like(P, H), torch.zeros_like(P)], -1)),
+                         label=f"H={H}")
+        for d in (0, 2, 5, 9):
+            axes[2].plot(P, model.confidence(torch.stack([P, torch.full_like(P, 2.0), torch.full_like(P, d)], -1)),
+                         label=f"d={d}")
+    axes[1].set(xlabel="P", ylabel="C", title="confidence vs P (d = 0)")
+    axes[2].set(xlabel="P", ylabel="C", title="confidence vs P (H = 2)")
+    for ax in axes[1:]:
+        ax.axhline(0.5, color="grey", ls=":")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

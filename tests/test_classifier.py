@@ -1,0 +1,214 @@
+"""The C2T classifier: scoring op (CPU path, Triton kernel) vs reference, module save/load, the tree
+dataset, and training on a synthetic rule."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from c2t_fast import ops
+from c2t_fast import reference as ref
+from c2t_fast.classifier import C2TClassifier, ClassifierConfig, TreeRecorder, open_tree_dataset
+from c2t_fast.classifier_training import TrainConfig, select_epoch, train_classifier
+from c2t_fast.triton_kernels.score_children import score_children as triton_score_children
+
+
+def _logits(kind, n, V, gen):
+    if kind == "random":
+        return torch.randn(n, V, generator=gen) * 3
+    if kind == "peaked":  # top-M mass almost 1
+        x = torch.randn(n, V, generator=gen)
+        x[:, :3] += 40
+        return x
+    if kind == "uniform":  # near-uniform rows: H close to log V over the top-M
+        return torch.randn(n, V, generator=gen) * 1e-3
+    x = torch.randn(n, V, generator=gen)  # rows with -inf entries: p = 0 inside the top-M
+    x[:, V // 2:] = float("-inf")
+    return x
+
+
+def _weights(h, gen, zero_cols=()):
+    w1 = torch.randn(h, 3, generator=gen)
+    for c in zero_cols:
+        w1[:, c] = 0
+    return w1, torch.randn(h, generator=gen), torch.randn(1, h, generator=gen), torch.randn(1, generator=gen)
+
+
+def _compare(got, want, beta):
+    conf, keep, tok, clp, ent = got
+    rconf, rkeep, rtok, rclp, rent = want
+    torch.testing.assert_close(conf, rconf, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(clp, rclp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent, rent, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tok, rtok)
+    clear = (rconf - beta).abs() > 1e-4  # away from the threshold the decision must agree
+    assert torch.equal(keep[clear], rkeep[clear])
+    assert not torch.isnan(conf).any() and not torch.isnan(ent).any()
+
+
+CASES = [  # (n, V, M, K, h)
+    (1, 50, 50, 1, 1), (15, 1000, 100, 15, 48), (3, 4099, 1000, 10, 64), (7, 300, 17, 16, 12), (0, 64, 16, 4, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "peaked", "uniform", "masked"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("log_p", [False, True])
+def test_cpu_path_matches_reference(case, kind, dtype, log_p, poison):
+    n, V, M, K, h = case
+    gen = torch.Generator().manual_seed(n * 7 + V)
+    logits = _logits(kind, n, V, gen).to(dtype)
+    tv, ti = torch.topk(logits, M)
+    parent = -torch.rand(n, generator=gen) * 4
+    w = _weights(h, gen)
+    poison("cpu")
+    got = ops.score_children(logits, tv, ti, parent, 3, K, w, 0.5, log_p)
+    _compare(got, ref.score_children(logits, tv, ti, parent, 3, K, *w, 0.5, log_p), 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "peaked", "masked"])
+@pytest.mark.parametrize("case", CASES[:4])
+def test_triton_kernel_matches_reference(case, kind, dtype):
+    n, V, M, K, h = case
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(V + K)
+    logits = _logits(kind, n, V, gen).to(dtype).to(device)
+    tv, ti = torch.topk(logits, M)
+    parent = (-torch.rand(n, generator=gen) * 4).to(device)
+    w = tuple(t.to(device) for t in _weights(h, gen))
+    got = triton_score_children(logits, tv, ti, parent, 2, K, *w, 0.3, False)
+    _compare(got, ref.score_children(logits, tv, ti, parent, 2, K, *w, 0.3, False), 0.3)
+
+
+def test_entropy_of_a_near_uniform_row_is_log_v():
+    V = 1000
+    logits = torch.zeros(1, V)
+    tv, ti = torch.topk(logits, V)
+    s = ops.score_children(logits, tv, ti, torch.zeros(1), 0, 5, _weights(4, torch.Generator()), 0.5)
+    assert abs(s.entropy.item() - np.log(V)) < 1e-4
+    assert torch.allclose(s.child_logp, torch.full((1, 5), -float(np.log(V))))
+
+
+def test_opcheck_score_children():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 200, generator=gen)
+    tv, ti = torch.topk(logits, 50)
+    torch.library.opcheck(torch.ops.c2t_fast.score_children.default,
+                          (logits, tv, ti, torch.zeros(4), 1, 5, *_weights(8, gen), 0.5, False))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: {**a, "k": 60}, "k = 60 must be in"),
+    (lambda a: {**a, "ti": a["ti"].int()}, "top_indices must be int64"),
+    (lambda a: {**a, "parent": torch.zeros(3)}, "parent_logp must be"),
+    (lambda a: {**a, "w": (torch.zeros(8, 2),) + a["w"][1:]}, "W1 \\[h, 3\\]"),
+    (lambda a: {**a, "w": tuple(t.double() for t in a["w"])}, "float32"),
+    (lambda a: {**a, "w": _weights(65, torch.Generator())}, "hidden size 65"),
+    (lambda a: {**a, "logits": a["logits"].long()}, "logits must be floating"),
+])
+def test_score_children_bad_inputs(mutate, message):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 200, generator=gen)
+    tv, ti = torch.topk(logits, 50)
+    a = mutate(dict(logits=logits, tv=tv, ti=ti, parent=torch.zeros(4), k=5, w=_weights(8, gen)))
+    with pytest.raises(ValueError, match=message):
+        ops.score_children(a["logits"], a["tv"], a["ti"], a["parent"], 1, a["k"], a["w"], 0.5)
+
+
+@pytest.mark.parametrize("features", [["P", "H", "d"], ["P", "H"], ["P", "d"], ["P"], ["H", "d"]])
+@pytest.mark.parametrize("log_p", [False, True])
+def test_module_kernel_weights_reproduce_the_module(features, log_p, tmp_path):
+    """Feature subsets and log-P are selected by the config alone; the fused op agrees with the module."""
+    torch.manual_seed(0)
+    model = C2TClassifier(ClassifierConfig(hidden=12, features=features, log_p=log_p))
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 300, generator=gen) * 2
+    tv, ti = torch.topk(logits, 100)
+    parent = -torch.rand(6, generator=gen)
+    s = ops.score_children(logits, tv, ti, parent, 4, 8, model.kernel_weights(), 0.5, log_p)
+    feats = torch.stack([s.child_logp.exp(), s.entropy[:, None].expand(-1, 8), torch.full((6, 8), 4.0)], -1)
+    torch.testing.assert_close(s.confidence, model.confidence(feats).detach(), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = C2TClassifier.from_pretrained(str(tmp_path))
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded(feats), model(feats))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no C2T classifier"):
+        C2TClassifier.from_pretrained(str(tmp_path / "missing"))
+    C2TClassifier(ClassifierConfig(hidden=8)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden": 16}))
+    with pytest.raises(ValueError, match="does not match its config"):
+        C2TClassifier.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        C2TClassifier.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        C2TClassifier.from_pretrained(str(tmp_path))
+
+
+def test_recorder_streams_and_appends(tmp_path):
+    path = str(tmp_path / "trees")
+    gen = np.random.default_rng(0)
+    with TreeRecorder(path, {"source": "test"}, chunk_rows=100) as rec:
+        for _ in range(30):
+            n = int(gen.integers(1, 20))
+            rec.add_tree(gen.random(n), gen.random(n) * 5, gen.integers(0, 10, n), gen.random(n) < 0.1)
+        assert os.path.getsize(os.path.join(path, "rows.bin")) > 0  # flushed in chunks before closing
+    first = open_tree_dataset(path)
+    with TreeRecorder(path) as rec:
+        rec.add_tree([0.5], [1.0], [0], [1])
+    rows = open_tree_dataset(path)
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    assert len(rows) == len(first) + 1 == meta["rows"] and meta["trees"] == 31 and meta["source"] == "test"
+    assert rows["tree"][-1] == 30 and meta["positives"] == int(rows["label"].sum())
+    with pytest.raises(ValueError, match="equal lengths"):
+        TreeRecorder(path).add_tree([0.1, 0.2], [1.0], [0], [1])
+    with open(os.path.join(path, "rows.bin"), "ab") as f:
+        f.write(b"xx")
+    with pytest.raises(ValueError, match="truncated"):
+        open_tree_dataset(path)
+
+
+def _synthetic(path, trees=600, seed=0):
+    """label = P * (1 + H / 10) > 0.45 (plus depth noise-free): P dominates, H helps at low P."""
+    rng = np.random.default_rng(seed)
+    with TreeRecorder(path) as rec:
+        for _ in range(trees):
+            n = 200
+            P = rng.random(n) ** 3
+            H = rng.random(n) * 6
+            d = rng.integers(0, 10, n)
+            rec.add_tree(P, H, d, (P * (1 + H / 10) > 0.45).astype(np.uint8))
+
+
+def test_training_learns_a_known_rule(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "clf")
+    _synthetic(data)
+    report = train_classifier(data, out, TrainConfig(epochs=6, seed=0), progress=False)
+    sel = report["selected"]
+    base_rate = report["val_positives"] / report["val_rows"]
+    assert sel["recall"] > 0.95
+    assert sel["positive_rate"] < 2.5 * base_rate  # keeps few more nodes than the true positives
+    assert os.path.isfile(os.path.join(out, "training.png")) and os.path.isfile(os.path.join(out, "report.json"))
+    model = C2TClassifier.from_pretrained(out)
+    x = torch.tensor([[0.9, 1.0, 0.0], [0.01, 1.0, 0.0]])
+    assert model.confidence(x)[0] > 0.9 and model.confidence(x)[1] < 0.1
+    # fine-tuning starts from the trained model, at lr 1e-4, on a fraction of the trees
+    ft = train_classifier(data, str(tmp_path / "ft"), TrainConfig(epochs=2, finetune_from=out), progress=False)
+    assert ft["config"]["finetune_from"] == out and ft["rows"] < report["rows"]
+
+
+def test_selection_rule_prefers_recall_then_low_positive_rate():
+    hist = [{"recall": 0.90, "positive_rate": 0.01}, {"recall": 0.97, "positive_rate": 0.20},
+            {"recall": 0.968, "positive_rate": 0.05}, {"recall": 0.95, "positive_rate": 0.001}]
+    assert select_epoch(hist, tolerance=0.005) == 2
+    assert select_epoch(hist, tolerance=0.0) == 1
