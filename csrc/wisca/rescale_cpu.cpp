@@ -1,0 +1,126 @@
+// CPU kernel of wisca_fast::rescale_attention_: phase 1 reads every weight once and reduces row sums
+// (and W_o column sums) in fp64 in a fixed order, independent of the thread count, so the factors are
+// deterministic; phase 2 scales weights, biases, Adam moments and shadows in place. Nothing is written
+// before every check (shapes, dtypes, devices, finite norms) has passed.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "rescale.h"
+
+namespace wisca_fast {
+namespace {
+
+template <typename T>
+void row_sums(const T* w, int64_t rows, int64_t cols, bool fro, double* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double s = 0.0;
+    const T* row = w + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double x = static_cast<double>(row[c]);
+      s += fro ? x * x : std::abs(x);
+    }
+    out[r] = s;
+  }
+}
+
+template <typename T>
+void col_sums(const T* w, int64_t rows, int64_t cols, bool fro, double* out) {
+  std::fill(out, out + cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = w + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double x = static_cast<double>(row[c]);
+      out[c] += fro ? x * x : std::abs(x);
+    }
+  }
+}
+
+// t[r, c] *= mult[r] (by_row) or mult[c]; `power` -1 / -2 applies 1/mult or 1/mult^2 (Adam moments).
+template <typename T>
+void scale(T* t, int64_t rows, int64_t cols, const double* mult, bool by_row, int power) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const double m = mult[by_row ? r : c];
+      const double f = power == 1 ? m : power == -1 ? 1.0 / m : 1.0 / (m * m);
+      t[r * cols + c] = static_cast<T>(static_cast<double>(t[r * cols + c]) * f);
+    }
+}
+
+void scale_tensor(const at::Tensor& t, const double* mult, bool by_row, int power) {
+  if (t.numel() == 0) return;
+  const int64_t rows = t.dim() == 2 ? t.size(0) : t.size(0), cols = t.dim() == 2 ? t.size(1) : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "wisca_scale", [&] {
+    scale<scalar_t>(t.data_ptr<scalar_t>(), rows, cols, mult, by_row, power);
+  });
+}
+
+}  // namespace
+
+at::Tensor rescale_attention_cpu(at::TensorList weights, at::TensorList biases, at::TensorList exp_avg,
+                                 at::TensorList exp_avg_sq, at::TensorList shadows, int64_t num_heads,
+                                 int64_t num_kv_heads, int64_t head_dim, c10::string_view granularity,
+                                 c10::string_view norm, bool rope_interleaved, bool qk, bool vo, double clamp_lo,
+                                 double clamp_hi, bool pow2, double eps) {
+  const RescaleArgs a = check_rescale_args(weights, biases, exp_avg, exp_avg_sq, shadows, num_heads, num_kv_heads,
+                                           head_dim, std::string(granularity), std::string(norm), rope_interleaved,
+                                           qk, vo, clamp_lo, clamp_hi, pow2, eps);
+  for (const at::Tensor& w : weights)
+    TORCH_CHECK_VALUE(w.device().is_cpu(), "rescale_attention_: expected CPU tensors, got ", w.device());
+  const int64_t L = a.L, QR = a.Hq * a.D, KR = a.Hkv * a.D;
+  // per layer: rq [QR], rk [KR], rv [KR], co [QR]
+  std::vector<double> sums(L * (2 * QR + 2 * KR));
+  auto layer_sums = [&](int64_t l) { return sums.data() + l * (2 * QR + 2 * KR); };
+  // Phase 1: one task per (layer, matrix); each task's order is fixed.
+  at::parallel_for(0, 4 * L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t l = job / 4, i = job % 4;
+      const at::Tensor& w = weights[job];
+      double* base = layer_sums(l);
+      double* out = i == 0 ? base : i == 1 ? base + QR : i == 2 ? base + QR + KR : base + QR + 2 * KR;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "wisca_sums", [&] {
+        if (i == 3)
+          col_sums<scalar_t>(w.data_ptr<scalar_t>(), w.size(0), w.size(1), a.fro, out);
+        else
+          row_sums<scalar_t>(w.data_ptr<scalar_t>(), w.size(0), w.size(1), a.fro, out);
+      });
+    }
+  });
+  // Factors for every layer (all checks) before any write.
+  const int64_t per_layer = a.channel ? 2 * KR : 2;
+  at::Tensor factors = a.channel ? at::empty({L, 2, a.Hkv, a.D}, at::kFloat) : at::empty({L, 2}, at::kFloat);
+  std::vector<double> mults(L * (2 * QR + 2 * KR));
+  for (int64_t l = 0; l < L; ++l) {
+    const double* s = layer_sums(l);
+    double* m = mults.data() + l * (2 * QR + 2 * KR);
+    layer_factors(a, l, s, s + QR, s + QR + KR, s + QR + 2 * KR, m, m + QR, m + QR + KR, m + QR + 2 * KR,
+                  factors.data_ptr<float>() + l * per_layer);
+  }
+  // Phase 2: one task per (layer, matrix) with its bias, moments and shadow.
+  at::parallel_for(0, 4 * L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t l = job / 4, i = job % 4;
+      const double* m = mults.data() + l * (2 * QR + 2 * KR);
+      const double* mult = i == 0 ? m : i == 1 ? m + QR : i == 2 ? m + QR + KR : m + QR + 2 * KR;
+      const bool by_row = i != 3;
+      scale_tensor(weights[job], mult, by_row, 1);
+      if (a.has_state && exp_avg[7 * l + i].numel()) {
+        scale_tensor(exp_avg[7 * l + i], mult, by_row, -1);
+        scale_tensor(exp_avg_sq[7 * l + i], mult, by_row, -2);
+      }
+      if (a.has_shadow && shadows[job].numel()) shadows[job].copy_(weights[job]);
+      if (i < 3 && a.has_bias && biases[3 * l + i].numel()) {
+        scale_tensor(biases[3 * l + i], mult, true, 1);
+        if (a.has_state && exp_avg[7 * l + 4 + i].numel()) {
+          scale_tensor(exp_avg[7 * l + 4 + i], mult, true, -1);
+          scale_tensor(exp_avg_sq[7 * l + 4 + i], mult, true, -2);
+        }
+      }
+    }
+  });
+  return factors;
+}
+
+}  // namespace wisca_fast
