@@ -77,3 +77,19 @@ def load_smollm2():
 
         _SMOLLM2 = load()
         return _SMOLLM2
+
+
+def tiny_extra_lm(family: str, seed: int = 0, vocab: int = 97):
+    """Gemma-3 (QK-norm) and Phi-3 (fused qkv_proj) tiny random models."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+        return transformers.Gemma3ForCausalLM(cfg).eval()
+    if family == "phi3":
+        cfg = transformers.Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, pad_token_id=0)
+        return transformers.Phi3ForCausalLM(cfg).eval()
+    raise ValueError(family)

@@ -1,7 +1,16 @@
 """wisca_fast: output-preserving attention weight rescaling for training (WISCA, arXiv:2508.16676).
 
-The fused rescale op and the model integration arrive with their issue; this package currently only
-reserves the import name and the build slot (``csrc/wisca`` -> ``wisca_fast._C``).
+- ``wisca_fast.apply(model, optimizer=None, granularity="tensor")``: one transition of every attention
+  layer (fused op; LoRA, fused QKV, QK-norm models, DDP and FSDP2 handled), returns the factors.
+- ``WiscaCallback(every=250)`` for the transformers Trainer, ``WiscaScheduler`` for hand-written loops.
+- ``torch.ops.wisca_fast.rescale_attention_``: the fused multi-layer op (``wisca_fast.ops``).
 """
 
+from . import ops
+from .apply import apply
+from .models import find_attention
+from .schedule import WiscaCallback, WiscaScheduler
+
 __version__ = "0.1.0"
+
+__all__ = ["WiscaCallback", "WiscaScheduler", "apply", "find_attention", "ops"]

@@ -51,15 +51,19 @@ def _pair_sum(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return torch.cat([p, p], -1)
 
 
-def layer_multipliers(wq, wk, wv, wo, Hq, Hkv, D, granularity="tensor", norm="l1", rope_interleaved=False,
-                      qk=True, vo=True, eps=1e-12, clamp=None, pow2=False):
+def layer_sums(wq, wk, wv, wo, norm="l1"):
+    """Row sums of W_q, W_k, W_v and column sums of W_o of |w| (l1) or w^2 (fro), fp64. For sharded
+    weights these are the partial sums that get all-reduced."""
+    return (_row_norm_parts(wq, norm, 1), _row_norm_parts(wk, norm, 1), _row_norm_parts(wv, norm, 1),
+            _row_norm_parts(wo, norm, 0))
+
+
+def multipliers_from_sums(rq, rk, rv, co, Hq, Hkv, D, granularity="tensor", norm="l1", rope_interleaved=False,
+                          qk=True, vo=True, eps=1e-12, clamp=None, pow2=False):
     """Row multipliers (m_q [Hq*D], m_k [Hkv*D], m_v [Hkv*D]), column multipliers m_o [Hq*D], and the
-    layer's factors: (s, t) scalars or [2, Hkv, D] tables."""
+    layer's factors: (s, t) or [2, Hkv, D] tables."""
     g = Hq // Hkv
-    rq = _row_norm_parts(wq, norm, 1).view(Hkv, g, D)
-    rk = _row_norm_parts(wk, norm, 1).view(Hkv, D)
-    rv = _row_norm_parts(wv, norm, 1).view(Hkv, D)
-    co = _row_norm_parts(wo, norm, 0).view(Hkv, g, D)
+    rq, rk, rv, co = rq.view(Hkv, g, D), rk.view(Hkv, D), rv.view(Hkv, D), co.view(Hkv, g, D)
     for name, x in (("W_q", rq), ("W_k", rk), ("W_v", rv), ("W_o", co)):
         if not torch.isfinite(x).all():
             raise ValueError(f"rescale_attention_: non-finite values in {name}; nothing was rescaled")
@@ -76,10 +80,23 @@ def layer_multipliers(wq, wk, wv, wo, Hq, Hkv, D, granularity="tensor", norm="l1
         s_tab = torch.ones_like(s_tab)
     if not vo:
         t_tab = torch.ones_like(t_tab)
+    return multipliers_from_factors(s_tab, t_tab, g), (
+        torch.stack([s_tab[0, 0], t_tab[0, 0]]) if granularity == "tensor" else torch.stack([s_tab, t_tab])).float()
+
+
+def multipliers_from_factors(s_tab, t_tab, g):
+    """[Hkv, D] factor tables -> (m_q, m_k, m_v, m_o) in fp64."""
+    s_tab, t_tab = s_tab.double(), t_tab.double()
+    Hkv, D = s_tab.shape
     mq = s_tab[:, None, :].expand(Hkv, g, D).reshape(-1)
     mo = (1.0 / t_tab)[:, None, :].expand(Hkv, g, D).reshape(-1)
-    factors = torch.stack([s_tab[0, 0], t_tab[0, 0]]) if granularity == "tensor" else torch.stack([s_tab, t_tab])
-    return (mq, 1.0 / s_tab.reshape(-1), t_tab.reshape(-1), mo), factors.float()
+    return mq, (1.0 / s_tab).reshape(-1), t_tab.reshape(-1), mo
+
+
+def layer_multipliers(wq, wk, wv, wo, Hq, Hkv, D, granularity="tensor", norm="l1", rope_interleaved=False,
+                      qk=True, vo=True, eps=1e-12, clamp=None, pow2=False):
+    return multipliers_from_sums(*layer_sums(wq, wk, wv, wo, norm), Hq, Hkv, D, granularity, norm, rope_interleaved,
+                                 qk, vo, eps, clamp, pow2)
 
 
 def _scale_(t: torch.Tensor, mult: torch.Tensor, dim: int) -> None:
