@@ -117,6 +117,27 @@ def classifier_scoring() -> None:
                      f"{base / ours:.2f}x; scoring alone (no topk) {op_only:.4f} ms"))
 
 
+def wisca_rescale(bw: float) -> None:
+    """One transition of a TinyLlama-1.1B-shaped attention stack (fp32 + AdamW moments) on the GPU:
+    the fused op vs the per-layer torch loop; GB/s counts the bytes the fused op must move."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import bench_rescale as br
+
+    layers = br._stack(22)
+    for lay in layers:
+        lay.wq, lay.wk, lay.wv, lay.wo = (t.cuda() for t in (lay.wq, lay.wk, lay.wv, lay.wo))
+        for d in (lay.exp_avg, lay.exp_avg_sq):
+            for k in d:
+                d[k] = d[k].cuda()
+    ours = bench(lambda: br.fused(layers))
+    base = bench(lambda: br.torch_loop(layers))
+    weights = sum(t.numel() * 4 for lay in layers for t in (lay.wq, lay.wk, lay.wv, lay.wo))
+    nbytes = 3 * weights + 4 * weights  # reduce read, apply read+write; m and v read+write
+    gbs = nbytes / (ours * 1e-3) / 1e9
+    ROWS.append(("WISCA rescale, 22 layers 32/4, hidden 2048, fp32 + AdamW", "fused vs torch loop", ours,
+                 f"{base / ours:.2f}x; {gbs:.0f} GB/s = {100 * gbs / bw:.0f}% of copy"))
+
+
 def main() -> None:
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbs()
@@ -124,6 +145,7 @@ def main() -> None:
     tree_ops()
     tree_attention(bw)
     classifier_scoring()
+    wisca_rescale(bw)
     print("| benchmark | comparison | ours (ms) | speed-up / notes |")
     print("|---|---|---|---|")
     for name, what, ms, note in ROWS:

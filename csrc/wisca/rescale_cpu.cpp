@@ -7,21 +7,40 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "rescale.h"
 
 namespace wisca_fast {
 namespace {
 
+// Sums run in fp32 over fixed blocks of kBlock elements (8 independent lanes, so the compiler
+// vectorises them at the baseline ISA) and the block sums are added in fp64: a fixed order, hence
+// deterministic, at memory speed.
+constexpr int64_t kBlock = 512;
+
+template <typename T>
+inline float block_sum(const T* x, int64_t n, bool fro) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const float v = static_cast<float>(x[i + k]);
+      acc[k] += fro ? v * v : std::fabs(v);
+    }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    acc[0] += fro ? v * v : std::fabs(v);
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 template <typename T>
 void row_sums(const T* w, int64_t rows, int64_t cols, bool fro, double* out) {
   for (int64_t r = 0; r < rows; ++r) {
     double s = 0.0;
-    const T* row = w + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const double x = static_cast<double>(row[c]);
-      s += fro ? x * x : std::abs(x);
-    }
+    for (int64_t c = 0; c < cols; c += kBlock) s += block_sum(w + r * cols + c, std::min(kBlock, cols - c), fro);
     out[r] = s;
   }
 }
@@ -29,29 +48,48 @@ void row_sums(const T* w, int64_t rows, int64_t cols, bool fro, double* out) {
 template <typename T>
 void col_sums(const T* w, int64_t rows, int64_t cols, bool fro, double* out) {
   std::fill(out, out + cols, 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = w + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const double x = static_cast<double>(row[c]);
-      out[c] += fro ? x * x : std::abs(x);
+  std::vector<float> acc(cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += 64) {  // fp32 over 64 rows, then into fp64
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t r = r0; r < std::min(rows, r0 + 64); ++r) {
+      const T* row = w + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = static_cast<float>(row[c]);
+        acc[c] += fro ? v * v : std::fabs(v);
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) out[c] += acc[c];
+  }
+}
+
+// t[r, c] *= f where f = mult^power (power 1, -1 or -2) of row r (by_row) or column c. The per-row or
+// per-column factor is formed once in fp64 and applied in fp32 (fp64 for fp64 tensors).
+template <typename T>
+void scale(T* t, int64_t rows, int64_t cols, const double* mult, bool by_row, int power) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  auto factor = [&](int64_t i) {
+    const double m = mult[i];
+    return static_cast<acc_t>(power == 1 ? m : power == -1 ? 1.0 / m : 1.0 / (m * m));
+  };
+  if (by_row) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t f = factor(r);
+      T* row = t + r * cols;
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(static_cast<acc_t>(row[c]) * f);
+    }
+  } else {
+    std::vector<acc_t> f(cols);
+    for (int64_t c = 0; c < cols; ++c) f[c] = factor(c);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = t + r * cols;
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(static_cast<acc_t>(row[c]) * f[c]);
     }
   }
 }
 
-// t[r, c] *= mult[r] (by_row) or mult[c]; `power` -1 / -2 applies 1/mult or 1/mult^2 (Adam moments).
-template <typename T>
-void scale(T* t, int64_t rows, int64_t cols, const double* mult, bool by_row, int power) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      const double m = mult[by_row ? r : c];
-      const double f = power == 1 ? m : power == -1 ? 1.0 / m : 1.0 / (m * m);
-      t[r * cols + c] = static_cast<T>(static_cast<double>(t[r * cols + c]) * f);
-    }
-}
-
 void scale_tensor(const at::Tensor& t, const double* mult, bool by_row, int power) {
   if (t.numel() == 0) return;
-  const int64_t rows = t.dim() == 2 ? t.size(0) : t.size(0), cols = t.dim() == 2 ? t.size(1) : 1;
+  const int64_t rows = t.size(0), cols = t.dim() == 2 ? t.size(1) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "wisca_scale", [&] {
     scale<scalar_t>(t.data_ptr<scalar_t>(), rows, cols, mult, by_row, power);
   });
