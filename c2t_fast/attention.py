@@ -39,7 +39,8 @@ def _base_impl(config) -> str:
         return _BASE_IMPL[id(config)]
     except KeyError:
         raise RuntimeError(f"attention implementation {ATTN_NAME!r} is set on a model that c2t_fast.patch() "
-                           "did not patch") from None
+                           "did not patch (a copy of a patched model? unpatch before copying, then patch each "
+                           "model)") from None
 
 
 def _tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

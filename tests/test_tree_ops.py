@@ -81,6 +81,17 @@ def test_prune_tree_matches_reference(device, T, N, max_keep, poison):
         assert got[4].numel() == (n_kept if max_keep < 0 else min(n_kept, max_keep))
 
 
+def test_prune_tree_accepts_strided_candidates():
+    """Expanded (stride-0) and sliced candidate arrays, as strategies pass them."""
+    tree = c2t_fast.Tree(torch.tensor([5, 6]), torch.tensor([-1, 0], dtype=torch.int32), torch.zeros(2))
+    parent = torch.tensor([1]).expand(6)
+    conf = torch.rand(12)[::2]
+    new, frontier, selected = c2t_fast.prune_tree(tree, parent, torch.arange(6), -torch.rand(6), conf,
+                                                  torch.ones(6, dtype=torch.bool), 3)
+    assert new.parents[2:].tolist() == [1, 1, 1]
+    assert selected.tolist() == sorted(torch.argsort(-conf, stable=True)[:3].tolist())
+
+
 def test_prune_tree_keeps_the_most_confident():
     tree = c2t_fast.Tree(torch.tensor([5]), torch.tensor([-1], dtype=torch.int32), torch.zeros(1))
     conf = torch.tensor([0.9, 0.2, 0.7, 0.7, 0.95])

@@ -110,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_tre
                       " entries (as cand_parent), got one with ", t->numel());
   }
   const int64_t T = tree_tokens.numel();
-  const int64_t* cp = cand_parent.contiguous().data_ptr<int64_t>();
+  const at::Tensor cp_c = cand_parent.contiguous();  // keep the (possibly new) buffer alive
+  const int64_t* cp = cp_c.data_ptr<int64_t>();
   at::Tensor conf_c = cand_conf.contiguous();
   at::Tensor keep_c = cand_keep.contiguous();
   const float* conf = conf_c.data_ptr<float>();

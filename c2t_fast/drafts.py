@@ -1,0 +1,236 @@
+"""Drafts behind one interface: an EAGLE-1/2-style draft head over the target's features, and any small
+Hugging Face causal LM that shares the target's tokenizer.
+
+Draft-side protocol for one speculative step (batch 1), in "slots" (entries of the draft's KV cache):
+- ``prefill(ids, hidden)``: the prompt becomes the stable context;
+- ``root(token, feature)``: feeds the root (the token the target just produced) -> logits ``[V]``;
+  the root is tree slot 0;
+- ``layer(tokens, parent_slots, visible)``: feeds a layer of n tree nodes -> logits ``[n, V]``; node i
+  sees the stable context and the tree slots ``visible[i]`` (its ancestors, the root included); the new
+  nodes get the next n slots;
+- ``commit(tokens, features)``: drops the tree except the root, then appends the accepted nodes as
+  ordinary context (for the head, each paired with the target feature of its predecessor).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import torch
+from torch import nn
+
+
+def cache_kwarg(fn) -> str:
+    """Name of the KV-cache argument of a transformers forward (it changed across versions)."""
+    params = inspect.signature(fn).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    return "past_key_values"
+
+
+def _tree_mask(n_stable: int, visible: torch.Tensor, dtype, device) -> torch.Tensor:
+    """Additive 4D mask [1, 1, n, n_stable + n_tree]: stable context visible, tree slots as given."""
+    n, n_tree = visible.shape
+    allowed = torch.cat([torch.ones(n, n_stable, dtype=torch.bool, device=device), visible.to(device)], -1)
+    mask = torch.zeros(n, n_stable + n_tree, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+class Draft(nn.Module):
+    """Common bookkeeping: stable length, tree slot count, the KV cache."""
+
+    needs_features = False
+
+    def __init__(self):
+        super().__init__()
+        self.cache = None
+        self.n_stable = 0
+        self.n_tree = 0
+
+    def _crop(self, length: int) -> None:
+        cur = self.cache.get_seq_length()
+        if cur > length:
+            self.cache.crop(-(cur - length))  # negative: drop that many trailing slots
+
+
+class EagleDraftHead(Draft):
+    """EAGLE-1/2 draft head: one decoder layer over fc([token embedding; feature]), sharing the target's
+    embedding and LM head (not stored). Trained to predict the target's next (post-norm) hidden state;
+    ``lm_head(prediction)`` gives the draft's next-token logits."""
+
+    needs_features = True
+
+    def __init__(self, config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
+        super().__init__()
+        from transformers import DynamicCache  # noqa: F401  (fail early without transformers)
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        cfg = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+        cfg._attn_implementation = "sdpa"
+        self.config = cfg
+        H = cfg.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=True)
+        self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(cfg)
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+        self._cache_kw = cache_kwarg(self.layer.forward)
+
+    def attach(self, target) -> "EagleDraftHead":
+        """Share the target's (frozen) embedding and LM head."""
+        self.embed_tokens = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        return self
+
+    def features_forward(self, tokens: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor,
+                         mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        """tokens [1, n], features [1, n, H] -> predicted next features [1, n, H]."""
+        x = self.fc(torch.cat([self.embed_tokens(tokens).to(features.dtype), features], -1))
+        pos_emb = self.rotary(x, position_ids)
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        out = self.layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
+                         use_cache=cache is not None, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _run(self, tokens, features, visible):
+        from transformers import DynamicCache
+
+        n = tokens.shape[-1]
+        device = features.device
+        if self.cache is None:
+            self.cache = DynamicCache()
+        past = self.cache.get_seq_length()
+        if visible is None:  # a causal chain appended to the context
+            mask = torch.full((n, past + n), torch.finfo(features.dtype).min, dtype=features.dtype, device=device)
+            mask = torch.triu(mask, diagonal=past + 1)[None, None]
+            pos = torch.arange(past, past + n, device=device)[None]
+        else:
+            mask = _tree_mask(self.n_stable, visible, features.dtype, device)
+            pos = (self.n_stable + visible.sum(-1) - 1).to(device)[None]  # depth in the tree
+        return self.features_forward(tokens.view(1, n), features.view(1, n, -1), pos, mask, self.cache)[0]
+
+    def prefill(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """ids [P], hidden [P, H] (target post-norm features): pairs (x_{t+1}, h_t)."""
+        self.cache = None
+        self.n_tree = 0
+        self._outputs = None
+        if ids.numel() > 1:
+            self._run(ids[1:], hidden[:-1], None)
+        self.n_stable = ids.numel() - 1
+
+    def root(self, token: int, feature: torch.Tensor) -> torch.Tensor:
+        tok = torch.tensor([token], device=feature.device)
+        vis = torch.ones(1, 1, dtype=torch.bool)
+        out = self._run(tok, feature.view(1, -1), vis)
+        self._outputs = [out[0]]
+        self.n_tree = 1
+        return self.lm_head(out)[0].float()
+
+    def layer_logits(self, tokens: torch.Tensor, parent_slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        feats = torch.stack([self._outputs[int(p)] for p in parent_slots])
+        out = self._run(tokens, feats, visible)
+        self._outputs.extend(out.unbind(0))
+        self.n_tree += tokens.numel()
+        return self.lm_head(out).float()
+
+    def commit(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        """tokens: the accepted nodes a_1..a_tau; features: target features at root, a_1..a_{tau-1}."""
+        self._crop(self.n_stable + 1)  # the root's entry used true features: keep it
+        self.n_stable += 1
+        self.n_tree = 0
+        if tokens.numel():
+            self._run(tokens, features, None)
+            self.n_stable += tokens.numel()
+
+    # -- persistence ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))}
+        save_file(state, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"draft_type": "eagle_head", "target_config": self.config.to_dict()}, f, indent=2, default=str)
+
+    @classmethod
+    def from_pretrained(cls, path: str, target=None) -> "EagleDraftHead":
+        from safetensors.torch import load_file
+        from transformers import LlamaConfig
+
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"no draft head at {path} (config.json missing)")
+        with open(cfg_file) as f:
+            raw = json.load(f)
+        if raw.get("draft_type") != "eagle_head":
+            raise ValueError(f"{cfg_file} does not describe an eagle_head draft")
+        head = cls(LlamaConfig.from_dict(raw["target_config"]))
+        missing, unexpected = head.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+        bad = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))]
+        if bad or unexpected:
+            raise ValueError(f"{path}: weights do not match the head (missing {bad}, unexpected {unexpected})")
+        if target is not None:
+            head.attach(target)
+        return head.eval()
+
+
+class DraftLM(Draft):
+    """A small HF causal LM sharing the target's tokenizer; trees are fed with a 4D ancestor mask."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.eval()
+        self._cache_kw = cache_kwarg(model.forward)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def _run(self, tokens, visible):
+        from transformers import DynamicCache
+
+        n = tokens.numel()
+        if self.cache is None:
+            self.cache = DynamicCache()
+        past = self.cache.get_seq_length()
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        if visible is None:
+            mask = torch.full((n, past + n), torch.finfo(dtype).min, dtype=dtype, device=device)
+            mask = torch.triu(mask, diagonal=past + 1)[None, None]
+            pos = torch.arange(past, past + n, device=device)[None]
+        else:
+            mask = _tree_mask(self.n_stable, visible, dtype, device)
+            pos = (self.n_stable + visible.sum(-1) - 1).to(device)[None]
+        out = self.model(input_ids=tokens.view(1, n).to(device), attention_mask=mask, position_ids=pos,
+                         use_cache=True, **{self._cache_kw: self.cache})
+        return out.logits[0].float()
+
+    def prefill(self, ids: torch.Tensor, hidden=None) -> None:
+        self.cache = None
+        self.n_tree = 0
+        self._run(ids, None)
+        self.n_stable = ids.numel()
+
+    def root(self, token: int, feature=None) -> torch.Tensor:
+        out = self._run(torch.tensor([token]), torch.ones(1, 1, dtype=torch.bool))
+        self.n_tree = 1
+        return out[0]
+
+    def layer_logits(self, tokens, parent_slots, visible) -> torch.Tensor:
+        out = self._run(tokens, visible)
+        self.n_tree += tokens.numel()
+        return out
+
+    def commit(self, tokens: torch.Tensor, features=None) -> None:
+        self._crop(self.n_stable + 1)
+        self.n_stable += 1
+        self.n_tree = 0
+        if tokens.numel():
+            self._run(tokens, None)
+            self.n_stable += tokens.numel()

@@ -1,0 +1,259 @@
+"""Tree-drafting strategies behind one interface; all produce the same tree structure (ops.Tree), so
+tau and gamma compare on equal terms.
+
+- ``Chain(length)``: one path of the draft's top-1 tokens.
+- ``ChainC2T(classifier, beta, max_length=10)``: a chain that stops when the classifier's confidence in
+  the next token falls below beta (paper section 3.6 / App. F).
+- ``Static(choices)``: an EAGLE-1 static tree given as rank paths, e.g. ``[(0,), (1,), (0, 0)]``.
+- ``Eagle2(top_k, depth, total_tokens)``: expand the top-K by joint probability per layer for
+  ``depth`` iterations after the first layer, then rerank to the top ``total_tokens`` (root included).
+- ``C2T(classifier, beta, top_k, d_max, top_m, second_prune)``: the paper's Algorithm 1.
+
+A strategy reads the draft only through a ``TreeDrafter`` (tree arrays + the draft-side feeding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+
+class TreeDrafter:
+    """The growing tree of one step and the draft fed with it. Node 0 is the root."""
+
+    def __init__(self, draft, root_token: int, root_feature, record_features: bool = False):
+        self.draft = draft
+        self.tokens = torch.tensor([root_token], dtype=torch.int64)
+        self.parents = torch.tensor([-1], dtype=torch.int32)
+        self.logp = torch.zeros(1, dtype=torch.float32)
+        self.depth = torch.zeros(1, dtype=torch.int64)
+        self.slot = torch.tensor([0])  # draft slot of each node, -1 when not fed
+        self.anc = torch.ones(1, 1, dtype=torch.bool)  # [node, slot]: slot is the node or an ancestor
+        self.entropy = torch.zeros(1)  # H of the distribution a node was drawn from (recording)
+        self.record = record_features
+        self.root_logits = draft.root(root_token, root_feature).float()
+        self.draft_calls = 1
+
+    @property
+    def size(self) -> int:
+        return self.tokens.numel()
+
+    def tree(self) -> ops.Tree:
+        return ops.Tree(self.tokens, self.parents, self.logp)
+
+    def append(self, parents: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
+               entropy: torch.Tensor | None = None) -> torch.Tensor:
+        """Add nodes (parents must be in the tree); returns their node ids."""
+        n = tokens.numel()
+        ids = torch.arange(self.size, self.size + n)
+        parents = parents.to(torch.int64)
+        self.tokens = torch.cat([self.tokens, tokens.to(torch.int64).cpu()])
+        self.parents = torch.cat([self.parents, parents.to(torch.int32).cpu()])
+        self.logp = torch.cat([self.logp, logp.float().cpu()])
+        self.depth = torch.cat([self.depth, self.depth[parents] + 1])
+        self.slot = torch.cat([self.slot, torch.full((n,), -1)])
+        self.anc = torch.cat([self.anc, self.anc[parents]])
+        self.entropy = torch.cat([self.entropy, entropy.cpu() if entropy is not None else torch.zeros(n)])
+        return ids
+
+    def expand(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Feed ``nodes`` (one batched draft call) and return their next-token logits ``[n, V]``."""
+        nodes = nodes.to(torch.int64)
+        n, n_slots = nodes.numel(), self.anc.shape[1]
+        parent_slots = self.slot[self.parents[nodes].to(torch.int64)]
+        if (parent_slots < 0).any():
+            raise RuntimeError("a node was expanded before its parent")
+        new_slots = torch.arange(n_slots, n_slots + n)
+        self.anc = torch.cat([self.anc, torch.zeros(self.size, n, dtype=torch.bool)], 1)
+        self.anc[nodes, new_slots] = True
+        self.slot[nodes] = new_slots
+        visible = self.anc[nodes]  # [n, n_slots + n]: ancestors' slots and its own
+        self.draft_calls += 1
+        return self.draft.layer_logits(self.tokens[nodes], parent_slots, visible).float()
+
+
+def _entropy_topm(logits: torch.Tensor, m: int = 1000) -> torch.Tensor:
+    lp = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(lp, min(m, lp.shape[-1])).values
+    return torch.special.entr(top.exp()).sum(-1)
+
+
+class Strategy:
+    name = "strategy"
+
+    def build(self, d: TreeDrafter) -> ops.Tree:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+@dataclass
+class Chain(Strategy):
+    length: int = 5
+    name = "chain"
+
+    def __post_init__(self):
+        if self.length < 0:
+            raise ValueError(f"chain length must be >= 0, got {self.length}")
+
+    def build(self, d):
+        logits, parent = d.root_logits, 0
+        for i in range(self.length):
+            lp = torch.log_softmax(logits, -1)
+            tok = lp.argmax()
+            node = d.append(torch.tensor([parent]), tok.view(1), (d.logp[parent] + lp[tok]).view(1))
+            if i + 1 < self.length:
+                logits, parent = d.expand(node)[0], int(node)
+        return d.tree()
+
+
+class _ClassifierStrategy(Strategy):
+    def _weights(self):
+        if getattr(self, "_w", None) is None:
+            self._w = self.classifier.kernel_weights()
+        return self._w
+
+
+@dataclass
+class ChainC2T(_ClassifierStrategy):
+    classifier: object = None
+    beta: float = 0.85
+    max_length: int = 10
+    top_m: int = 1000
+    name = "chain_c2t"
+
+    def __post_init__(self):
+        if self.classifier is None or not 0 <= self.beta <= 1 or self.max_length < 1:
+            raise ValueError("chain_c2t needs a classifier, beta in [0, 1] and max_length >= 1")
+
+    def build(self, d):
+        logits, parent = d.root_logits, 0
+        for depth in range(self.max_length):
+            row = logits.view(1, -1)
+            tv, ti = torch.topk(row, min(self.top_m, row.shape[-1]))
+            s = ops.score_children(row, tv, ti, d.logp[parent].view(1), depth, 1, self._weights(), self.beta,
+                                   self.classifier.config.log_p)
+            if not bool(s.keep[0, 0]):
+                break
+            node = d.append(torch.tensor([parent]), s.tokens[0], s.child_logp[0], s.entropy)
+            if depth + 1 < self.max_length:
+                logits, parent = d.expand(node)[0], int(node)
+        return d.tree()
+
+
+@dataclass
+class Static(Strategy):
+    choices: tuple = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+    name = "static"
+
+    def __post_init__(self):
+        paths = {tuple(c) for c in self.choices}
+        for c in paths:
+            if not c or min(c) < 0 or (len(c) > 1 and tuple(c[:-1]) not in paths):
+                raise ValueError(f"static tree choice {c} is empty, negative, or lacks its parent path")
+        self._paths = sorted(paths, key=lambda c: (len(c), c))
+
+    def build(self, d):
+        node_of = {(): 0}
+        logits_of = {(): d.root_logits}
+        max_len = max(len(c) for c in self._paths)
+        for depth in range(1, max_len + 1):
+            layer = [c for c in self._paths if len(c) == depth]
+            for c in layer:
+                lp = torch.log_softmax(logits_of[c[:-1]], -1)
+                top = torch.topk(lp, c[-1] + 1)
+                parent = node_of[c[:-1]]
+                node_of[c] = int(d.append(torch.tensor([parent]), top.indices[-1].view(1),
+                                          (d.logp[parent] + top.values[-1]).view(1)))
+            feed = [c for c in layer if any(len(x) == depth + 1 and x[:-1] == c for x in self._paths)]
+            if feed:
+                out = d.expand(torch.tensor([node_of[c] for c in feed]))
+                for c, row in zip(feed, out):
+                    logits_of[c] = row
+        return d.tree()
+
+
+@dataclass
+class Eagle2(Strategy):
+    top_k: int = 10
+    depth: int = 5  # EAGLE's depth: iterations after the first layer (d_max = depth + 1)
+    total_tokens: int = 60  # EAGLE's total_token: tree size after rerank, root included
+    name = "eagle2"
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.depth < 0 or self.total_tokens < 1:
+            raise ValueError("eagle2 needs top_k >= 1, depth >= 0, total_tokens >= 1")
+
+    def build(self, d):
+        lp = torch.log_softmax(d.root_logits, -1)
+        top = torch.topk(lp, min(self.top_k, lp.numel()))
+        ent = _entropy_topm(d.root_logits).expand(top.values.numel()) if d.record else None
+        frontier = d.append(torch.zeros(top.values.numel(), dtype=torch.int64), top.indices, top.values, ent)
+        for _ in range(self.depth):
+            logits = d.expand(frontier)
+            lp = torch.log_softmax(logits, -1)
+            top = torch.topk(lp, min(self.top_k, lp.shape[-1]), dim=-1)
+            joint = d.logp[frontier][:, None] + top.values  # [K, K]
+            parents = frontier[:, None].expand_as(joint).reshape(-1)
+            ent = _entropy_topm(logits)[:, None].expand_as(joint).reshape(-1) if d.record else None
+            new = d.append(parents, top.indices.reshape(-1), joint.reshape(-1), ent)
+            keep = torch.topk(joint.reshape(-1), min(self.top_k, joint.numel())).indices
+            frontier = new[keep]
+        self.full_tree = d.tree()
+        pruned, self.selected = ops.rerank_tree(d.tree(), self.total_tokens)
+        return pruned
+
+
+@dataclass
+class C2T(_ClassifierStrategy):
+    classifier: object = None
+    beta: float = 0.5
+    top_k: int = 15
+    d_max: int = 10
+    top_m: int = 1000
+    second_prune: bool = True
+    max_nodes: int | None = None  # without the second pruning: cap at 2 * K * d_max (ambiguity 17)
+    name = "c2t"
+
+    def __post_init__(self):
+        if self.classifier is None:
+            raise ValueError("c2t needs a classifier (c2t_fast.classifier.C2TClassifier)")
+        if not 0 <= self.beta <= 1 or self.top_k < 1 or self.d_max < 1 or self.top_m < self.top_k:
+            raise ValueError(f"c2t needs beta in [0, 1], top_k >= 1, d_max >= 1, top_m >= top_k; got beta={self.beta}, "
+                             f"top_k={self.top_k}, d_max={self.d_max}, top_m={self.top_m}")
+
+    def build(self, d):
+        cap = self.max_nodes or 2 * self.top_k * self.d_max
+        frontier = torch.zeros(1, dtype=torch.int64)
+        logits = d.root_logits.view(1, -1)
+        for depth in range(self.d_max):
+            k = min(self.top_k, logits.shape[-1])
+            tv, ti = torch.topk(logits, min(self.top_m, logits.shape[-1]))
+            s = ops.score_children(logits, tv, ti, d.logp[frontier], depth, k, self._weights(), self.beta,
+                                   self.classifier.config.log_p)
+            budget = cap - (d.size - 1)
+            max_keep = min(self.top_k, budget) if self.second_prune else budget
+            new_tree, new_nodes, sel = ops.prune_tree(
+                d.tree(), frontier[:, None].expand(-1, k).reshape(-1), s.tokens.reshape(-1), s.child_logp.reshape(-1),
+                s.confidence.reshape(-1), s.keep.reshape(-1), max(0, max_keep))
+            if sel.numel() == 0:
+                break
+            ent = s.entropy[:, None].expand(-1, k).reshape(-1)[sel]
+            frontier = d.append(new_tree.parents[d.size:], new_tree.tokens[d.size:], new_tree.logp[d.size:], ent)
+            if depth + 1 == self.d_max or d.size - 1 >= cap:
+                break
+            logits = d.expand(frontier)
+        return d.tree()
+
+
+def strategy_from_name(name: str, classifier=None, **params) -> Strategy:
+    table = {"chain": Chain, "chain_c2t": ChainC2T, "static": Static, "eagle2": Eagle2, "c2t": C2T}
+    if name not in table:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(table)}")
+    if name in ("c2t", "chain_c2t"):
+        params["classifier"] = classifier
+    return table[name](**params)
