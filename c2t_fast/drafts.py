@@ -65,11 +65,10 @@ class EagleDraftHead(Draft):
 
     def __init__(self, config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
         super().__init__()
-        from transformers import DynamicCache  # noqa: F401  (fail early without transformers)
+        from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-        cfg = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
-        cfg._attn_implementation = "sdpa"
+        cfg = self.head_config(config)
         self.config = cfg
         H = cfg.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=True)
@@ -78,6 +77,22 @@ class EagleDraftHead(Draft):
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         self._cache_kw = cache_kwarg(self.layer.forward)
+
+    @staticmethod
+    def head_config(config):
+        """A one-layer Llama config with the target's widths, heads and RoPE (whatever its family)."""
+        from transformers import LlamaConfig
+
+        if isinstance(config, LlamaConfig) and config.num_hidden_layers == 1:
+            cfg = config
+        else:
+            keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_theta", "rope_scaling",
+                    "rope_parameters", "hidden_act")
+            fields = {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+            cfg = LlamaConfig(**fields, num_hidden_layers=1)
+        cfg._attn_implementation = "sdpa"
+        return cfg
 
     def attach(self, target) -> "EagleDraftHead":
         """Share the target's (frozen) embedding and LM head."""
