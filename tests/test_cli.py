@@ -1,0 +1,55 @@
+"""The c2t-fast command line on the shipped SmolLM2 target (the target drafts for itself)."""
+
+import json
+import os
+
+from c2t_fast import cli
+
+MT_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spec_bench", "mt_bench.jsonl")
+
+
+def test_generate_prints_text_and_metrics(capsys):
+    assert cli.main(["generate", "--prompt", "What is the capital of France?", "--draft", "self", "--strategy",
+                     "eagle2", "--top-k-tree", "3", "--depth", "2", "--total-tokens", "8", "--max-new-tokens",
+                     "12"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "tau " in out and "gamma " in out and "tokens/s" in out and "speed-up" in out
+
+
+def test_generate_without_a_draft_says_which_to_pass(capsys):
+    assert cli.main(["generate", "--prompt", "hi"]) == 2
+    assert "--draft self" in capsys.readouterr().err
+
+
+def test_bench_writes_results_table_and_plot(tmp_path, capsys):
+    prompts = tmp_path / "q.jsonl"
+    lines = open(MT_BENCH).read().splitlines()[:2] if os.path.isfile(MT_BENCH) else [
+        json.dumps({"question_id": 1, "category": "x", "turns": ["Say hello."]}),
+        json.dumps({"question_id": 2, "category": "x", "turns": ["Count to three."]})]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "chain,eagle2", "--sweep", "length=1,2",
+                     "--sweep", "total_tokens=4", "--draft", "self", "--top-k-tree", "2", "--depth", "1",
+                     "--max-new-tokens", "8", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 and {r["strategy"] for r in rows} == {"chain", "eagle2"}
+    assert (out / "tau_gamma.png").stat().st_size > 0 and "| chain |" in (out / "summary.md").read_text()
+
+
+def test_bad_sweep_is_rejected():
+    import pytest
+
+    with pytest.raises(SystemExit, match="expected NAME=v1,v2"):
+        cli._sweeps(["nonsense"])
+
+
+def test_collect_trees_records_full_trees(tmp_path, capsys):
+    from c2t_fast.classifier import open_tree_dataset
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a joke.\nName a color.\n")
+    out = tmp_path / "trees"
+    assert cli.main(["collect-trees", "--prompts", str(prompts), "--out", str(out), "--draft", "self",
+                     "--top-k-tree", "2", "--depth", "2", "--max-new-tokens", "6"]) == 0
+    rows = open_tree_dataset(str(out))
+    assert len(rows) > 0 and len(rows) % (2 + 2 * 4) == 0 and rows["label"].sum() > 0
