@@ -25,22 +25,27 @@ __device__ void find_bad_parent(const int32_t* p, int32_t T, int32_t* bad) {
   }
 }
 
+// Block-wide validation of the parents array, shared by the single-block kernels: on failure every
+// thread returns false and thread 0 records the first bad node in meta[0].
+__device__ bool parents_valid(const int32_t* p, int32_t T, int32_t* bad, int32_t* meta) {
+  if (threadIdx.x == 0) *bad = kNoBadNode;
+  __syncthreads();
+  find_bad_parent(p, T, bad);
+  __syncthreads();
+  if (*bad != kNoBadNode) {
+    if (threadIdx.x == 0) meta[0] = *bad;
+    return false;
+  }
+  return true;
+}
+
 __global__ void build_tree_kernel(const int32_t* __restrict__ p, int32_t T, int64_t prefix_len,
                                   int32_t* depth, int64_t* bits, int64_t* pos, int64_t* leaves,
                                   int32_t* has_child, int32_t* meta) {
   __shared__ int32_t bad, max_depth;
-  if (threadIdx.x == 0) {
-    bad = kNoBadNode;
-    max_depth = 0;
-  }
+  if (threadIdx.x == 0) max_depth = 0;
   for (int32_t i = threadIdx.x; i < T; i += blockDim.x) has_child[i] = 0;
-  __syncthreads();
-  find_bad_parent(p, T, &bad);
-  __syncthreads();
-  if (bad != kNoBadNode) {
-    if (threadIdx.x == 0) meta[0] = bad;
-    return;
-  }
+  if (!parents_valid(p, T, &bad, meta)) return;
   const int32_t W = (T + 63) / 64;
   for (int32_t i = threadIdx.x; i < T; i += blockDim.x) {
     if (i > 0) has_child[p[i]] = 1;
@@ -130,14 +135,7 @@ __global__ void rerank_kernel(const int32_t* __restrict__ p, const float* __rest
                               int32_t T, int64_t total, int32_t* order, uint8_t* chosen,
                               int64_t* selected, int32_t* new_parents, int32_t* meta) {
   __shared__ int32_t bad;
-  if (threadIdx.x == 0) bad = kNoBadNode;
-  __syncthreads();
-  find_bad_parent(p, T, &bad);
-  __syncthreads();
-  if (bad != kNoBadNode) {
-    if (threadIdx.x == 0) meta[0] = bad;
-    return;
-  }
+  if (!parents_valid(p, T, &bad, meta)) return;
   // order[rank] = node over the non-root nodes; rank by counting is O(T^2 / threads).
   for (int32_t i = 1 + threadIdx.x; i < T; i += blockDim.x) {
     int32_t rank = 0;
@@ -227,17 +225,8 @@ __global__ void verify_greedy_kernel(const int64_t* __restrict__ tok, const int3
                                      int64_t* out, int32_t* meta) {
   __shared__ int32_t bad;
   __shared__ unsigned long long best;
-  if (threadIdx.x == 0) {
-    bad = kNoBadNode;
-    best = 0ull;
-  }
-  __syncthreads();
-  find_bad_parent(p, T, &bad);
-  __syncthreads();
-  if (bad != kNoBadNode) {
-    if (threadIdx.x == 0) meta[0] = bad;
-    return;
-  }
+  if (threadIdx.x == 0) best = 0ull;
+  if (!parents_valid(p, T, &bad, meta)) return;
   // Node i is accepted iff every node on its path matches the argmax of its parent's logits.
   // Key: deeper first, then lower index.
   for (int32_t i = threadIdx.x; i < T; i += blockDim.x) {

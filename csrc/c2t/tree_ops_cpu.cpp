@@ -84,10 +84,6 @@ struct ByConfidence {
   }
 };
 
-void check_float_vec(const at::Tensor& t, const char* op, const char* name) {
-  check_vec(t, op, name, at::kFloat);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_tree_cpu(
@@ -95,20 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_tre
     const at::Tensor& cand_parent, const at::Tensor& cand_token, const at::Tensor& cand_logp,
     const at::Tensor& cand_conf, const at::Tensor& cand_keep, int64_t max_keep) {
   const char* op = "prune_tree";
-  check_tree_args(tree_tokens, tree_parents, op);
-  check_float_vec(tree_logp, op, "tree_logp");
-  TORCH_CHECK_VALUE(tree_logp.numel() == tree_tokens.numel(), op, ": tree_logp has ",
-                    tree_logp.numel(), " entries for ", tree_tokens.numel(), " nodes");
-  check_vec(cand_parent, op, "cand_parent", at::kLong);
-  check_vec(cand_token, op, "cand_token", at::kLong);
-  check_float_vec(cand_logp, op, "cand_logp");
-  check_float_vec(cand_conf, op, "cand_conf");
-  check_vec(cand_keep, op, "cand_keep", at::kBool);
+  check_prune_args(tree_tokens, tree_parents, tree_logp, cand_parent, cand_token, cand_logp, cand_conf,
+                   cand_keep);
   const int64_t N = cand_parent.numel();
-  for (const at::Tensor* t : {&cand_token, &cand_logp, &cand_conf, &cand_keep}) {
-    TORCH_CHECK_VALUE(t->numel() == N, op, ": all candidate arrays need ", N,
-                      " entries (as cand_parent), got one with ", t->numel());
-  }
   const int64_t T = tree_tokens.numel();
   const at::Tensor cp_c = cand_parent.contiguous();  // keep the (possibly new) buffer alive
   const int64_t* cp = cp_c.data_ptr<int64_t>();
@@ -166,12 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rerank_tree_cpu(
     const at::Tensor& tokens, const at::Tensor& parents_in, const at::Tensor& logp_in,
     int64_t total_tokens) {
   const char* op = "rerank_tree";
-  check_tree_args(tokens, parents_in, op);
-  check_float_vec(logp_in, op, "logp");
-  TORCH_CHECK_VALUE(logp_in.numel() == tokens.numel(), op, ": logp has ", logp_in.numel(),
-                    " entries for ", tokens.numel(), " nodes");
-  TORCH_CHECK_VALUE(total_tokens >= 1, op, ": total_tokens counts the root and must be >= 1, got ",
-                    total_tokens);
+  check_rerank_args(tokens, parents_in, logp_in, total_tokens);
   const at::Tensor parents = parents_in.contiguous();
   check_parents(parents, op);
   const at::Tensor logp_c = logp_in.contiguous();
@@ -250,31 +230,18 @@ at::Tensor to_tensor(const std::vector<int64_t>& v, const at::TensorOptions& opt
   return t;
 }
 
-void check_target_rows(const at::Tensor& target, int64_t T, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == T, op, ": ", name,
-                    " must be [T, V] with T = ", T, " tree nodes, got shape ", target.sizes());
-  TORCH_CHECK_VALUE(target.size(1) >= 1, op, ": ", name, " has an empty vocabulary dimension");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens_in,
                                                      const at::Tensor& parents_in,
                                                      const at::Tensor& target) {
   const char* op = "verify_greedy";
-  check_tree_args(tokens_in, parents_in, op);
+  check_greedy_args(tokens_in, parents_in, target);
   const int64_t T = tokens_in.numel();
   at::Tensor pred;
   if (target.scalar_type() == at::kLong) {
-    check_vec(target, op, "target (argmax ids)", at::kLong);
-    TORCH_CHECK_VALUE(target.numel() == T, op, ": target argmax has ", target.numel(),
-                      " entries for ", T, " nodes");
     pred = target.contiguous();
   } else {
-    TORCH_CHECK_VALUE(at::isFloatingType(target.scalar_type()), op,
-                      ": target must be int64 argmax ids [T] or floating logits [T, V], got ",
-                      target.scalar_type());
-    check_target_rows(target, T, op, "target logits");
     pred = at::empty({T}, tokens_in.options());
     const at::Tensor logits = target.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "argmax_rows",
@@ -413,14 +380,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& tokens_in
                                                      const at::Tensor& probs_in,
                                                      const at::Tensor& uniforms_in) {
   const char* op = "verify_sample";
-  check_tree_args(tokens_in, parents_in, op);
+  check_sample_args(tokens_in, parents_in, probs_in, uniforms_in);
   const int64_t T = tokens_in.numel();
-  TORCH_CHECK_VALUE(at::isFloatingType(probs_in.scalar_type()), op,
-                    ": probs must be floating point, got ", probs_in.scalar_type());
-  check_target_rows(probs_in, T, op, "probs");
-  check_vec(uniforms_in, op, "uniforms", at::kDouble);
-  TORCH_CHECK_VALUE(uniforms_in.numel() == T, op, ": uniforms needs one draw per node (", T,
-                    "; slot 0 draws the bonus token), got ", uniforms_in.numel());
   const at::Tensor parents = parents_in.contiguous();
   check_parents(parents, op);
   const at::Tensor tokens = tokens_in.contiguous();

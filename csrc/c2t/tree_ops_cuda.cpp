@@ -82,24 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_tre
     const at::Tensor& cand_parent, const at::Tensor& cand_token, const at::Tensor& cand_logp,
     const at::Tensor& cand_conf, const at::Tensor& cand_keep, int64_t max_keep) {
   const char* op = "prune_tree";
-  check_tree_args(tree_tokens, tree_parents, op);
-  check_vec(tree_logp, op, "tree_logp", at::kFloat);
-  check_vec(cand_parent, op, "cand_parent", at::kLong);
-  check_vec(cand_token, op, "cand_token", at::kLong);
-  check_vec(cand_logp, op, "cand_logp", at::kFloat);
-  check_vec(cand_conf, op, "cand_conf", at::kFloat);
-  check_vec(cand_keep, op, "cand_keep", at::kBool);
+  check_prune_args(tree_tokens, tree_parents, tree_logp, cand_parent, cand_token, cand_logp, cand_conf,
+                   cand_keep);
   const int64_t T = tree_tokens.numel(), N = cand_parent.numel();
-  TORCH_CHECK_VALUE(tree_logp.numel() == T, op, ": tree_logp has ", tree_logp.numel(),
-                    " entries for ", T, " nodes");
-  for (const at::Tensor* t : {&cand_token, &cand_logp, &cand_conf, &cand_keep}) {
-    TORCH_CHECK_VALUE(t->numel() == N, op, ": all candidate arrays need ", N,
-                      " entries (as cand_parent), got one with ", t->numel());
-  }
-  for (const at::Tensor* t : {&tree_tokens, &tree_parents, &tree_logp, &cand_parent, &cand_token,
-                              &cand_logp, &cand_conf, &cand_keep}) {
-    check_same_device(*t, tree_tokens, op, "a candidate or tree array", "tree_tokens");
-  }
   const c10::cuda::CUDAGuard guard(tree_tokens.device());
   const at::Tensor par = tree_parents.contiguous(), cp = cand_parent.contiguous();
   const at::Tensor conf = cand_conf.contiguous(), keep = cand_keep.contiguous();
@@ -128,13 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rerank_tree_cuda(
     const at::Tensor& tokens, const at::Tensor& parents_in, const at::Tensor& logp_in,
     int64_t total_tokens) {
   const char* op = "rerank_tree";
-  check_tree_args(tokens, parents_in, op);
-  check_vec(logp_in, op, "logp", at::kFloat);
-  check_same_device(tokens, logp_in, op, "tokens", "logp");
-  TORCH_CHECK_VALUE(logp_in.numel() == tokens.numel(), op, ": logp has ", logp_in.numel(),
-                    " entries for ", tokens.numel(), " nodes");
-  TORCH_CHECK_VALUE(total_tokens >= 1, op, ": total_tokens counts the root and must be >= 1, got ",
-                    total_tokens);
+  check_rerank_args(tokens, parents_in, logp_in, total_tokens);
   const c10::cuda::CUDAGuard guard(tokens.device());
   const at::Tensor parents = parents_in.contiguous(), logp = logp_in.contiguous();
   const int64_t T = tokens.numel();
@@ -154,31 +133,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rerank_tree_cuda(
           logp_in.index_select(0, selected), selected};
 }
 
-void check_rows(const at::Tensor& x, int64_t T, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == T, op, ": ", name, " must be [T, V] with T = ", T,
-                    " tree nodes, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": ", name, " has an empty vocabulary dimension");
-}
-
 std::tuple<at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& tokens_in,
                                                       const at::Tensor& parents_in,
                                                       const at::Tensor& target) {
   const char* op = "verify_greedy";
-  check_tree_args(tokens_in, parents_in, op);
-  check_same_device(tokens_in, target, op, "tokens", "target");
+  check_greedy_args(tokens_in, parents_in, target);
   const int64_t T = tokens_in.numel();
   const c10::cuda::CUDAGuard guard(tokens_in.device());
   at::Tensor pred;
   if (target.scalar_type() == at::kLong) {
-    check_vec(target, op, "target (argmax ids)", at::kLong);
-    TORCH_CHECK_VALUE(target.numel() == T, op, ": target argmax has ", target.numel(),
-                      " entries for ", T, " nodes");
     pred = target.contiguous();
   } else {
-    TORCH_CHECK_VALUE(at::isFloatingType(target.scalar_type()), op,
-                      ": target must be int64 argmax ids [T] or floating logits [T, V], got ",
-                      target.scalar_type());
-    check_rows(target, T, op, "target logits");
     const at::Tensor logits = target.stride(1) == 1 ? target : target.contiguous();
     pred = at::empty({T}, tokens_in.options());
     check_cuda(cuda::argmax_rows(logits.data_ptr(), dtype_code(logits.scalar_type(), op), T,
@@ -203,16 +168,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cuda(const at::Tensor& tokens_i
                                                       const at::Tensor& probs_in,
                                                       const at::Tensor& uniforms_in) {
   const char* op = "verify_sample";
-  check_tree_args(tokens_in, parents_in, op);
+  check_sample_args(tokens_in, parents_in, probs_in, uniforms_in);
   const int64_t T = tokens_in.numel();
-  TORCH_CHECK_VALUE(at::isFloatingType(probs_in.scalar_type()), op,
-                    ": probs must be floating point, got ", probs_in.scalar_type());
-  check_rows(probs_in, T, op, "probs");
-  check_vec(uniforms_in, op, "uniforms", at::kDouble);
-  TORCH_CHECK_VALUE(uniforms_in.numel() == T, op, ": uniforms needs one draw per node (", T,
-                    "; slot 0 draws the bonus token), got ", uniforms_in.numel());
-  check_same_device(tokens_in, probs_in, op, "tokens", "probs");
-  check_same_device(tokens_in, uniforms_in, op, "tokens", "uniforms");
   const c10::cuda::CUDAGuard guard(tokens_in.device());
   const at::Tensor tokens = tokens_in.contiguous(), parents = parents_in.contiguous();
   const at::Tensor probs = probs_in.stride(1) == 1 ? probs_in : probs_in.contiguous();
