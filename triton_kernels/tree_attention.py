@@ -66,20 +66,22 @@ def _tree_attn_split_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    if pid_s < num_prefix_splits:
-        start = pid_s * keys_per_split
-        end = tl.minimum(start + keys_per_split, prefix_len)
-        n_lo = start
-        n_hi = end
-        tree = False
-    else:
+    # Splits below num_prefix_splits own a chunk of the prefix; the last one owns the tree block, whose
+    # key j sits at cache position prefix_len + j. (Runtime values in both branches, no ternaries on
+    # them: they must compile, not only interpret.)
+    tree = pid_s >= num_prefix_splits
+    if tree:
         n_lo = 0
         n_hi = T
-        tree = True
+        key_off = prefix_len
+    else:
+        n_lo = pid_s * keys_per_split
+        n_hi = tl.minimum(n_lo + keys_per_split, prefix_len)
+        key_off = 0
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
-        key_pos = offs_n + prefix_len if tree else offs_n
+        key_pos = offs_n + key_off
         k = tl.load(k_base + key_pos[None, :] * sks + offs_d[:, None] * skd,
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + key_pos[:, None] * svs + offs_d[None, :] * svd,
