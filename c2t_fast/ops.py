@@ -394,21 +394,15 @@ def _check_score_children(logits, top_values, top_indices, parent_logp, k, w1, b
 
 
 def _score_children_cpu(logits, top_values, top_indices, parent_logp, depth, k, w1, b1, w2, b2, beta, log_p):
-    """Vectorised torch; the one pass over V is the log-sum-exp, read off torch's fused log_softmax at
-    each row's maximum (lse = max - log_softmax[argmax]): on the CPU that single fused kernel beats
-    torch.logsumexp (2x) and a scalar C++ loop (5x, no vectorised exp without per-ISA builds)."""
+    """The one pass over V is the log-sum-exp, read off torch's fused log_softmax at each row's maximum
+    (lse = max - log_softmax[argmax]; on the CPU that single vectorised kernel beats torch.logsumexp 2x
+    and a scalar loop 5x); the rest runs fused per row in C++ (``c2t_fast::_score_tail``)."""
     _check_score_children(logits, top_values, top_indices, parent_logp, k, w1, b1, w2, b2)
     row_max = top_values[:, :1].float()
     lse = row_max - torch.log_softmax(logits.float(), -1).gather(-1, top_indices[:, :1])
     lse = torch.where(torch.isneginf(row_max), row_max, lse)  # an all -inf row: p = 0 everywhere
-    top_lp = top_values.float() - lse
-    entropy = torch.special.entr(top_lp.exp()).sum(-1)  # -p log p, 0 at p = 0
-    child_lp = parent_logp.float()[:, None] + top_lp[:, :k]
-    feats = torch.stack([child_lp if log_p else child_lp.exp(), entropy[:, None].expand_as(child_lp),
-                         torch.full_like(child_lp, float(depth))], -1)
-    F = torch.nn.functional
-    conf = torch.sigmoid(F.linear(F.linear(feats, w1, b1).relu_(), w2, b2)[..., 0])
-    return conf, conf >= beta, top_indices[:, :k].clone(), child_lp, entropy
+    return torch.ops.c2t_fast._score_tail(top_values, top_indices, lse.view(-1), parent_logp, float(depth), k,
+                                          w1, b1, w2, b2, beta, log_p)
 
 
 def _score_children_cuda(logits, top_values, top_indices, parent_logp, depth, k, w1, b1, w2, b2, beta, log_p):
