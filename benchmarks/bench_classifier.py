@@ -49,3 +49,32 @@ def bench_score_children_cpu(benchmark, impl, n):
     torch.testing.assert_close(a.confidence, b[0], rtol=1e-4, atol=1e-5)
     benchmark.group = f"score_children n={n} V={V} M={M} K={K}"
     benchmark(IMPLS[impl], *args)
+
+
+def fused_after_topk(logits, parent, w, tv, ti):
+    return ops.score_children(logits, tv, ti, parent, 3, K, w, 0.5)
+
+
+def unfused_after_topk(logits, parent, w, tv, ti):
+    """The unfused sequence minus its topk (given the same top-M indices)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top_lp = logp.gather(-1, ti)
+    p = top_lp.exp()
+    entropy = -(p * top_lp).nan_to_num().sum(-1)
+    child = parent[:, None] + top_lp[:, :K]
+    feats = torch.stack([child.exp(), entropy[:, None].expand_as(child), torch.full_like(child, 3.0)], -1)
+    conf = torch.sigmoid(torch.relu(feats @ w[0].T + w[1]) @ w[2].T + w[3])[..., 0]
+    return conf, conf >= 0.5, ti[:, :K], child, entropy
+
+
+AFTER_TOPK = {"fused": fused_after_topk, "unfused_torch": unfused_after_topk}
+
+
+@pytest.mark.parametrize("impl", AFTER_TOPK)
+@pytest.mark.parametrize("n", [1, 15, 150])
+def bench_score_children_after_topk_cpu(benchmark, impl, n):
+    """The part that differs: both sides get the same torch.topk result."""
+    logits, parent, w = _inputs(n)
+    tv, ti = torch.topk(logits, M)
+    benchmark.group = f"score_children after topk, n={n}"
+    benchmark(AFTER_TOPK[impl], logits, parent, w, tv, ti)
