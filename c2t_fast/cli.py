@@ -225,6 +225,25 @@ def _collect_trees(args) -> int:
     return 0
 
 
+def _train_draft(args) -> int:
+    from .data import sharegpt_conversations
+    from .draft_training import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
+    from .loading import load_target
+
+    target, tok = load_target(args.target)
+    cache = args.cache or os.path.join(args.out, "feature_cache")
+    convs = sharegpt_conversations(limit=args.conversations)
+    meta = cache_hidden_states(target, encode_conversations(tok, convs, args.max_len), cache, args.token_budget)
+    print(f"cached {meta['tokens']} tokens of {meta['sequences']} conversations in {cache}")
+    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
+                           init_from_target=not args.no_warm_start)
+    report = train_draft(target, cache, args.out, cfg)
+    last = report["history"][-1] if report["history"] else {}
+    print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
+    print(f"wrote the draft head to {args.out} (use it with --draft {args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c2t-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -280,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--limit", type=int, default=None)
     c.set_defaults(func=_collect_trees)
+
+    d = sub.add_parser("train-draft", help="train an EAGLE draft head for the target on ShareGPT conversations")
+    d.add_argument("--out", required=True, help="output directory (the head, report.json, training.png)")
+    d.add_argument("--target", default="smollm2")
+    d.add_argument("--cache", default=None, help="feature cache directory (default: OUT/feature_cache)")
+    d.add_argument("--conversations", type=int, default=None, help="use the first N ShareGPT conversations")
+    d.add_argument("--token-budget", type=int, default=300_000, help="target tokens to cache (fp16 features)")
+    d.add_argument("--max-len", type=int, default=512)
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--accumulate", type=int, default=4)
+    d.add_argument("--save-every", type=int, default=50)
+    d.add_argument("--no-warm-start", action="store_true", help="do not start from the target's last layer")
+    d.set_defaults(func=_train_draft)
     return p
 
 

@@ -1,0 +1,193 @@
+"""Training of the EAGLE-style draft head (EAGLE-1 losses), on the CPU within hours, resumable.
+
+1. ``cache_hidden_states``: run the frozen target over chat-formatted training text and store its
+   post-norm last hidden states in fp16 shards (resumable; a token budget bounds the cost).
+2. ``train_draft``: for each cached sequence the head reads pairs (token_{t+1}, feature_t) and predicts
+   feature_{t+1}; loss = SmoothL1(prediction, feature_{t+1}) + w_cls * CE(lm_head(prediction),
+   softmax(lm_head(feature_{t+1}))) through the frozen LM head, as in EAGLE-1. Checkpoints every N
+   steps and resumes from the last one; writes the head (safetensors), ``report.json`` and a loss plot.
+The head's decoder layer starts from the target's last decoder layer (same shapes): a warm start that
+matters on a CPU budget (EAGLE trains it from scratch on a GPU).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .drafts import EagleDraftHead
+
+
+def encode_conversations(tokenizer, conversations: Iterable[list[dict]], max_len: int) -> Iterator[torch.Tensor]:
+    """Chat-template token ids of each conversation, truncated to ``max_len``."""
+    for msgs in conversations:
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_tensors="pt", return_dict=True)["input_ids"][0]
+        if ids.numel() >= 8:
+            yield ids[:max_len]
+
+
+def cache_hidden_states(target, sequences: Iterable[torch.Tensor], cache_dir: str, token_budget: int,
+                        shard_size: int = 32, progress: bool = True) -> dict:
+    """Append (ids, fp16 post-norm hidden states) shards to ``cache_dir`` until ``token_budget`` tokens
+    are cached; rerunning skips the sequences already cached."""
+    os.makedirs(cache_dir, exist_ok=True)
+    meta_file = os.path.join(cache_dir, "meta.json")
+    meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {"sequences": 0, "tokens": 0, "shards": 0}
+    base = target.get_decoder() if hasattr(target, "get_decoder") else target.model
+    shard: list[dict] = []
+
+    def flush():
+        if shard:
+            torch.save(shard, os.path.join(cache_dir, f"shard_{meta['shards']:05d}.pt"))
+            meta["shards"] += 1
+            shard.clear()
+        with open(meta_file, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    bar = tqdm(total=token_budget, initial=min(meta["tokens"], token_budget), desc="caching target features",
+               disable=not progress)
+    with torch.no_grad():
+        for i, ids in enumerate(sequences):
+            if meta["tokens"] >= token_budget:
+                break
+            if i < meta["sequences"]:
+                continue  # cached by an earlier run
+            h = base(input_ids=ids[None]).last_hidden_state[0]
+            shard.append({"ids": ids.to(torch.int32), "hidden": h.to(torch.float16)})
+            meta["sequences"] += 1
+            meta["tokens"] += ids.numel()
+            bar.update(ids.numel())
+            if len(shard) >= shard_size:
+                flush()
+    flush()
+    bar.close()
+    return meta
+
+
+@dataclass
+class DraftTrainConfig:
+    epochs: int = 2
+    lr: float = 3e-4
+    weight_cls: float = 0.1
+    grad_clip: float = 0.5
+    accumulate: int = 4  # sequences per optimizer step
+    save_every: int = 50  # optimizer steps between checkpoints
+    seed: int = 0
+    init_from_target: bool = True
+
+
+def _load_shards(cache_dir: str) -> list[dict]:
+    files = sorted(glob.glob(os.path.join(cache_dir, "shard_*.pt")))
+    if not files:
+        raise FileNotFoundError(f"no cached features in {cache_dir} (run cache_hidden_states / c2t-fast train-draft)")
+    return [seq for f in files for seq in torch.load(f)]
+
+
+def draft_losses(head: EagleDraftHead, ids: torch.Tensor, feats: torch.Tensor, weight_cls: float):
+    """EAGLE-1 losses of one sequence: (total, regression, classification, top-1 agreement)."""
+    pred = head.features_forward(ids[None, 1:], feats[None, :-1], torch.arange(ids.numel() - 1)[None], None)[0]
+    target = feats[1:]
+    reg = torch.nn.functional.smooth_l1_loss(pred, target)
+    with torch.no_grad():
+        p_target = torch.softmax(head.lm_head(target), -1)
+    logits = head.lm_head(pred)
+    cls = -(p_target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    acc = (logits.argmax(-1) == p_target.argmax(-1)).float().mean()
+    return reg + weight_cls * cls, reg.detach(), cls.detach(), acc
+
+
+def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig | None = None,
+                progress: bool = True) -> dict:
+    cfg = config or DraftTrainConfig()
+    torch.manual_seed(cfg.seed)
+    data = _load_shards(cache_dir)
+    head = EagleDraftHead(target.config).attach(target)
+    for p in (*head.embed_tokens.parameters(), *head.lm_head.parameters()):
+        p.requires_grad_(False)
+    if cfg.init_from_target:
+        layers = (target.get_decoder() if hasattr(target, "get_decoder") else target.model).layers
+        missing = head.layer.load_state_dict(layers[-1].state_dict(), strict=False)
+        if missing.missing_keys:
+            raise ValueError(f"cannot warm-start the head from the target's last layer: {missing.missing_keys}")
+    params = [p for n, p in head.named_parameters() if p.requires_grad and not n.startswith(("embed_tokens",
+                                                                                              "lm_head"))]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    state = {"epoch": 0, "index": 0, "step": 0, "history": []}
+    if os.path.isfile(ckpt):  # resume
+        saved = torch.load(ckpt)
+        head.load_state_dict(saved["head"], strict=False)
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+    head.train()
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    orders = [torch.randperm(len(data), generator=order_gen).tolist() for _ in range(cfg.epochs)]
+    total = cfg.epochs * len(data)
+    bar = tqdm(total=total, initial=state["epoch"] * len(data) + state["index"], desc="training draft head",
+               disable=not progress)
+    acc_l = acc_r = acc_c = acc_a = 0.0
+    n_in_step = 0
+    while state["epoch"] < cfg.epochs:
+        order = orders[state["epoch"]]
+        while state["index"] < len(order):
+            seq = data[order[state["index"]]]
+            loss, reg, cls, acc = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), cfg.weight_cls)
+            (loss / cfg.accumulate).backward()
+            acc_l, acc_r, acc_c, acc_a = acc_l + loss.item(), acc_r + reg.item(), acc_c + cls.item(), acc_a + acc.item()
+            n_in_step += 1
+            state["index"] += 1
+            bar.update(1)
+            if n_in_step == cfg.accumulate or state["index"] == len(order):
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                opt.zero_grad()
+                state["step"] += 1
+                rec = {"step": state["step"], "epoch": state["epoch"], "loss": acc_l / n_in_step,
+                       "reg": acc_r / n_in_step, "cls": acc_c / n_in_step, "top1": acc_a / n_in_step}
+                state["history"].append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=f"{rec['top1']:.3f}")
+                acc_l = acc_r = acc_c = acc_a = 0.0
+                n_in_step = 0
+                if state["step"] % cfg.save_every == 0:
+                    torch.save({"head": {k: v for k, v in head.state_dict().items()
+                                         if not k.startswith(("embed_tokens", "lm_head"))},
+                                "opt": opt.state_dict(), "state": state}, ckpt)
+        state["epoch"] += 1
+        state["index"] = 0
+    bar.close()
+    head.eval()
+    head.save_pretrained(out_dir)
+    report = {"config": asdict(cfg), "sequences": len(data), "tokens": int(sum(s["ids"].numel() for s in data)),
+              "steps": state["step"], "history": state["history"]}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    _plot(state["history"], os.path.join(out_dir, "training.png"))
+    if os.path.isfile(ckpt):
+        os.remove(ckpt)  # finished: the head itself is the artifact
+    return report
+
+
+def _plot(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, title in zip(axes, ("reg", "cls", "top1"), ("feature SmoothL1", "token CE (vs target)",
+                                                              "top-1 agreement with target")):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set(xlabel="optimizer step", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+"""Draft-head training: feature caching (resumable), EAGLE-1 losses going down, resume, save/load; the
+ShareGPT reader."""
+
+import json
+import os
+
+import torch
+
+from c2t_fast.data import iter_json_array
+from c2t_fast.draft_training import DraftTrainConfig, cache_hidden_states, train_draft
+from c2t_fast.drafts import EagleDraftHead
+from support import tiny_causal_lm
+
+
+def _sequences(n, gen):
+    # a learnable language: each token follows its predecessor by a fixed offset most of the time
+    for _ in range(n):
+        x = [int(torch.randint(0, 97, (1,), generator=gen))]
+        for _ in range(31):
+            x.append((x[-1] + 7) % 97 if torch.rand(1, generator=gen) < 0.9 else int(torch.randint(0, 97, (1,))))
+        yield torch.tensor(x)
+
+
+def test_cache_train_resume_and_load(tmp_path):
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    cache = str(tmp_path / "cache")
+    meta = cache_hidden_states(target, _sequences(20, torch.Generator().manual_seed(0)), cache, token_budget=320,
+                               shard_size=4, progress=False)
+    assert meta["tokens"] == 320 and meta["sequences"] == 10
+    meta = cache_hidden_states(target, _sequences(20, torch.Generator().manual_seed(0)), cache, token_budget=640,
+                               shard_size=4, progress=False)  # resumes after the 10 cached sequences
+    assert meta["sequences"] == 20 and meta["shards"] == 6  # 4+4+2 per run
+    out = str(tmp_path / "head")
+    cfg = DraftTrainConfig(epochs=3, lr=3e-3, accumulate=2, save_every=5)
+    report = train_draft(target, cache, out, cfg, progress=False)
+    hist = report["history"]
+    assert report["steps"] == 30 and hist[-1]["loss"] < hist[0]["loss"]
+    assert os.path.isfile(os.path.join(out, "training.png")) and not os.path.isfile(os.path.join(out, "checkpoint.pt"))
+    head = EagleDraftHead.from_pretrained(out, target)
+    assert head.fc.weight.shape == (96, 192)
+
+
+def test_training_resumes_from_a_checkpoint(tmp_path):
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    cache = str(tmp_path / "cache")
+    cache_hidden_states(target, _sequences(8, torch.Generator().manual_seed(1)), cache, token_budget=256,
+                        progress=False)
+    out = str(tmp_path / "head")
+    cfg = DraftTrainConfig(epochs=1, accumulate=2, save_every=2)
+    full = train_draft(target, cache, str(tmp_path / "full"), cfg, progress=False)
+    # simulate an interrupted run: keep the checkpoint written after step 2, then resume
+    import c2t_fast.draft_training as dt
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crash_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        if path.endswith("checkpoint.pt"):
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+    dt.torch.save = crash_after_first_checkpoint
+    try:
+        train_draft(target, cache, out, cfg, progress=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dt.torch.save = real_save
+    assert os.path.isfile(os.path.join(out, "checkpoint.pt"))
+    resumed = train_draft(target, cache, out, cfg, progress=False)
+    assert resumed["steps"] == full["steps"]
+    assert [round(h["loss"], 5) for h in resumed["history"]] == [round(h["loss"], 5) for h in full["history"]]
+
+
+def test_json_array_reader_drops_a_truncated_tail(tmp_path):
+    path = tmp_path / "a.json"
+    items = [{"id": i, "conversations": [{"from": "human", "value": "x" * 50}]} for i in range(40)]
+    text = json.dumps(items, indent=1)
+    path.write_text(text[: len(text) - 30])  # cut inside the last object
+    got = list(iter_json_array(str(path), chunk_chars=97))
+    assert [o["id"] for o in got] == list(range(39))
