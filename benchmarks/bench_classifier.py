@@ -27,15 +27,18 @@ def fused(logits, parent, w):
     return ops.score_children(logits, tv, ti, parent, 3, K, w, 0.5)
 
 
-def unfused(logits, parent, w):
-    logp = torch.log_softmax(logits.float(), -1)
-    top_lp, top_i = torch.topk(logp, M)
+def _unfused_tail(top_lp, top_i, parent, w):
     p = top_lp.exp()
     entropy = -(p * top_lp).nan_to_num().sum(-1)
     child = parent[:, None] + top_lp[:, :K]
     feats = torch.stack([child.exp(), entropy[:, None].expand_as(child), torch.full_like(child, 3.0)], -1)
     conf = torch.sigmoid(torch.relu(feats @ w[0].T + w[1]) @ w[2].T + w[3])[..., 0]
     return conf, conf >= 0.5, top_i[:, :K], child, entropy
+
+
+def unfused(logits, parent, w):
+    top_lp, top_i = torch.topk(torch.log_softmax(logits.float(), -1), M)
+    return _unfused_tail(top_lp, top_i, parent, w)
 
 
 IMPLS = {"fused": fused, "unfused_torch": unfused}
@@ -57,14 +60,7 @@ def fused_after_topk(logits, parent, w, tv, ti):
 
 def unfused_after_topk(logits, parent, w, tv, ti):
     """The unfused sequence minus its topk (given the same top-M indices)."""
-    logp = torch.log_softmax(logits.float(), -1)
-    top_lp = logp.gather(-1, ti)
-    p = top_lp.exp()
-    entropy = -(p * top_lp).nan_to_num().sum(-1)
-    child = parent[:, None] + top_lp[:, :K]
-    feats = torch.stack([child.exp(), entropy[:, None].expand_as(child), torch.full_like(child, 3.0)], -1)
-    conf = torch.sigmoid(torch.relu(feats @ w[0].T + w[1]) @ w[2].T + w[3])[..., 0]
-    return conf, conf >= 0.5, ti[:, :K], child, entropy
+    return _unfused_tail(torch.log_softmax(logits.float(), -1).gather(-1, ti), ti, parent, w)
 
 
 AFTER_TOPK = {"fused": fused_after_topk, "unfused_torch": unfused_after_topk}
