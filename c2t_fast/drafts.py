@@ -162,11 +162,13 @@ class EagleDraftHead(Draft):
 
     # -- persistence ---------------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Weights (without the target's shared embedding / LM head) as safetensors, optionally cast
+        (fp16 halves a shipped head; loading casts back to the module's dtype)."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+        state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
                  if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))}
         save_file(state, os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "config.json"), "w") as f:

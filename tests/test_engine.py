@@ -198,3 +198,7 @@ def test_draft_head_save_load_round_trip(tmp_path):
                    __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "model.safetensors")))
     with pytest.raises(FileNotFoundError, match="no draft head"):
         EagleDraftHead.from_pretrained(str(tmp_path / "missing"))
+    head.save_pretrained(str(tmp_path / "fp16"), dtype=torch.float16)
+    half = EagleDraftHead.from_pretrained(str(tmp_path / "fp16"), target)
+    assert half.fc.weight.dtype == torch.float32
+    torch.testing.assert_close(half.fc.weight, head.fc.weight.half().float())
