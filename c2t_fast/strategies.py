@@ -35,7 +35,6 @@ class TreeDrafter:
         self.entropy = torch.zeros(1)  # H of the distribution a node was drawn from (recording)
         self.record = record_features
         self.root_logits = draft.root(root_token, root_feature).float()
-        self.draft_calls = 1
 
     @property
     def size(self) -> int:
@@ -71,7 +70,6 @@ class TreeDrafter:
         self.anc[nodes, new_slots] = True
         self.slot[nodes] = new_slots
         visible = self.anc[nodes]  # [n, n_slots + n]: ancestors' slots and its own
-        self.draft_calls += 1
         return self.draft.layer_logits(self.tokens[nodes], parent_slots, visible).float()
 
 
@@ -112,10 +110,13 @@ class Chain(Strategy):
 
 
 class _ClassifierStrategy(Strategy):
-    def _weights(self):
+    def _score(self, logits: torch.Tensor, parent_logp: torch.Tensor, depth: int, k: int) -> ops.LayerScores:
+        """One layer of candidates: top-M of each row, then the fused scoring op."""
         if getattr(self, "_w", None) is None:
             self._w = self.classifier.kernel_weights()
-        return self._w
+        tv, ti = torch.topk(logits, min(self.top_m, logits.shape[-1]))
+        return ops.score_children(logits, tv, ti, parent_logp, depth, k, self._w, self.beta,
+                                  self.classifier.config.log_p)
 
 
 @dataclass
@@ -133,10 +134,7 @@ class ChainC2T(_ClassifierStrategy):
     def build(self, d):
         logits, parent = d.root_logits, 0
         for depth in range(self.max_length):
-            row = logits.view(1, -1)
-            tv, ti = torch.topk(row, min(self.top_m, row.shape[-1]))
-            s = ops.score_children(row, tv, ti, d.logp[parent].view(1), depth, 1, self._weights(), self.beta,
-                                   self.classifier.config.log_p)
+            s = self._score(logits.view(1, -1), d.logp[parent].view(1), depth, 1)
             if not bool(s.keep[0, 0]):
                 break
             node = d.append(torch.tensor([parent]), s.tokens[0], s.child_logp[0], s.entropy)
@@ -232,9 +230,7 @@ class C2T(_ClassifierStrategy):
         logits = d.root_logits.view(1, -1)
         for depth in range(self.d_max):
             k = min(self.top_k, logits.shape[-1])
-            tv, ti = torch.topk(logits, min(self.top_m, logits.shape[-1]))
-            s = ops.score_children(logits, tv, ti, d.logp[frontier], depth, k, self._weights(), self.beta,
-                                   self.classifier.config.log_p)
+            s = self._score(logits, d.logp[frontier], depth, k)
             budget = cap - (d.size - 1)
             max_keep = min(self.top_k, budget) if self.second_prune else budget
             new_tree, new_nodes, sel = ops.prune_tree(
