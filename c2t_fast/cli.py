@@ -125,6 +125,27 @@ def _sweeps(values: list[str]) -> list[dict]:
     return out
 
 
+BASELINES = ("ar", "prompt_lookup")  # bench rows that run the target's own generate()
+
+
+def _hf_generate(target, ids, name: str, args, stop) -> tuple[int, float]:
+    """(new tokens, seconds) of plain decoding ("ar") or transformers' prompt-lookup assisted decoding."""
+    import time
+
+    import torch
+
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, eos_token_id=stop or None,
+              pad_token_id=0, attention_mask=torch.ones_like(ids[None]))
+    if args.temperature > 0:
+        kw.update(temperature=args.temperature, top_p=1.0, top_k=None)
+    if name == "prompt_lookup":
+        kw["prompt_lookup_num_tokens"] = 10
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = target.generate(ids[None], **kw)
+        return out.shape[1] - ids.numel(), time.perf_counter() - t
+
+
 def _bench(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -133,14 +154,15 @@ def _bench(args) -> int:
     from .loading import load_draft, load_target
 
     target, tok = load_target(args.target)
-    draft = load_draft(args.draft, target)
+    names = args.strategies.split(",")
+    draft = load_draft(args.draft, target) if any(n not in BASELINES for n in names) else None
     prompts = _read_prompts(args.prompts, args.limit)
     os.makedirs(args.out, exist_ok=True)
     stop = [tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else []
     runs = []
-    for name in args.strategies.split(","):
+    for name in names:
         seen = set()
-        for sweep in _sweeps(args.sweep):
+        for sweep in _sweeps(args.sweep) if name not in BASELINES else [{}]:
             setting = {k: v for k, v in sweep.items() if name in STRATEGY_PARAMS[k]}
             if tuple(sorted(setting.items())) in seen:
                 continue
@@ -149,37 +171,60 @@ def _bench(args) -> int:
     rows = []
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         for name, setting in tqdm(runs, desc="settings"):
-            strategy = _strategy(name, args.classifier, {**_overrides(args), **setting})
-            gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
+            if name not in BASELINES:
+                strategy = _strategy(name, args.classifier, {**_overrides(args), **setting})
+                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
             tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0}
-            for qid, cat, text in tqdm(prompts, desc=f"{name} {setting}", leave=False):
+            for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False)):
                 ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                               return_tensors="pt", return_dict=True)["input_ids"][0]
-                out = gen.generate(ids, max_new_tokens=args.max_new_tokens)
-                m = out.metrics
-                rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **m.summary()}
+                if name in BASELINES:
+                    if args.temperature > 0:
+                        torch.manual_seed(args.seed + i)
+                    n, dt = _hf_generate(target, ids, name, args, stop)
+                    rec = {"strategy": name, "question_id": qid, "category": cat, "new_tokens": n,
+                           "total_time_s": round(dt, 4), "tokens_per_s": round(n / dt, 2)}
+                    tot["new_tokens"] += n
+                    tot["time"] += dt
+                else:
+                    out = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       seed=args.seed + i if args.temperature > 0 else None)
+                    m = out.metrics
+                    rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **m.summary()}
+                    for key, value in (("steps", m.steps), ("accepted", sum(m.accepted)), ("gamma", m.gamma),
+                                       ("new_tokens", m.new_tokens), ("time", m.total_time), ("draft", m.draft_time),
+                                       ("verify", m.verify_time)):
+                        tot[key] += value
                 f.write(json.dumps(rec) + "\n")
-                tot["steps"] += m.steps
-                tot["accepted"] += sum(m.accepted)
-                tot["gamma"] += m.gamma
-                tot["new_tokens"] += m.new_tokens
-                tot["time"] += m.total_time
-                tot["draft"] += m.draft_time
-                tot["verify"] += m.verify_time
-            rows.append({"strategy": name, "setting": setting, "tau": tot["accepted"] / max(1, tot["steps"]),
-                         "gamma": tot["gamma"], "tokens_per_s": tot["new_tokens"] / max(tot["time"], 1e-9),
+            steps = max(1, tot["steps"])
+            rows.append({"strategy": name, "setting": setting,
+                         "tau": tot["accepted"] / steps if tot["steps"] else None,
+                         "accept_length": tot["new_tokens"] / steps if tot["steps"] else None,
+                         "gamma_per_step": tot["gamma"] / steps if tot["steps"] else None,
+                         "gamma": tot["gamma"], "new_tokens": tot["new_tokens"],
+                         "tokens_per_s": tot["new_tokens"] / max(tot["time"], 1e-9),
                          "draft_time_s": tot["draft"], "verify_time_s": tot["verify"]})
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    lines = ["| strategy | setting | tau | gamma | tokens/s | draft s | verify s |", "|---|---|---|---|---|---|---|"]
+    ar = next((r["tokens_per_s"] for r in rows if r["strategy"] == "ar"), None)
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['setting']} | {r['tau']:.3f} | {r['gamma']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['draft_time_s']:.1f} | {r['verify_time_s']:.1f} |")
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar else None
+    meta = {"prompts": args.prompts, "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "draft": args.draft, "classifier": args.classifier,
+            "threads": torch.get_num_threads()}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| strategy | setting | tau | accept len | gamma/step | tokens/s | vs AR | draft s | verify s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['setting'] or ''} | {fmt(r['tau'], '.3f')} | {fmt(r['accept_length'], '.3f')}"
+                     f" | {fmt(r['gamma_per_step'], '.1f')} | {r['tokens_per_s']:.2f} | {fmt(r['speedup_vs_ar'], '.2f')}"
+                     f" | {r['draft_time_s']:.1f} | {r['verify_time_s']:.1f} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    _plot_tau_gamma(rows, os.path.join(args.out, "tau_gamma.png"), os.path.basename(args.prompts))
+    _plot_tau_gamma([r for r in rows if r["tau"] is not None], os.path.join(args.out, "tau_gamma.png"),
+                    os.path.basename(args.prompts))
     return 0
 
 
@@ -191,9 +236,10 @@ def _plot_tau_gamma(rows, path, title):
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name in dict.fromkeys(r["strategy"] for r in rows):
-        pts = sorted((r["gamma"], r["tau"]) for r in rows if r["strategy"] == name)
+        pts = sorted((r["gamma_per_step"], r["tau"]) for r in rows if r["strategy"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.set(xlabel="gamma (draft tokens verified)", ylabel="tau (accepted per step)", title=f"tau-gamma: {title}")
+    ax.set(xlabel="gamma (draft tokens verified per step)", ylabel="tau (accepted draft tokens per step)",
+           title=f"tau-gamma: {title}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -236,7 +282,7 @@ def _train_draft(args) -> int:
     meta = cache_hidden_states(target, encode_conversations(tok, convs, args.max_len), cache, args.token_budget)
     print(f"cached {meta['tokens']} tokens of {meta['sequences']} conversations in {cache}")
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
-                           init_from_target=not args.no_warm_start)
+                           init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab)
     report = train_draft(target, cache, args.out, cfg)
     last = report["history"][-1] if report["history"] else {}
     print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
@@ -279,12 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run strategies over an MT-bench style question file; tau-gamma table + plot")
     b.add_argument("--prompts", required=True, help="question.jsonl (first turn of each question)")
-    b.add_argument("--strategies", default="c2t,eagle2")
+    b.add_argument("--strategies", default="c2t,eagle2",
+                   help="comma-separated: c2t, chain_c2t, eagle2, chain, static, and the baselines ar (plain "
+                        "decoding) and prompt_lookup (transformers' prompt-lookup assisted generation)")
     b.add_argument("--sweep", action="append", help="NAME=v1,v2 (beta, total_tokens, depth, ...); repeatable")
     b.add_argument("--target", default="smollm2")
     b.add_argument("--draft", default=None)
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--limit", type=int, default=None, help="first N questions only")
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=0, help="sampling seed of the first question (then +1 each)")
     b.add_argument("--out", required=True)
     _add_strategy_flags(b)
     b.set_defaults(func=_bench)
@@ -308,10 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--token-budget", type=int, default=300_000, help="target tokens to cache (fp16 features)")
     d.add_argument("--max-len", type=int, default=512)
     d.add_argument("--epochs", type=int, default=2)
-    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--weight-cls", type=float, default=0.1, help="weight of the token CE (EAGLE-1: 0.1)")
+    d.add_argument("--loss-vocab", type=int, default=8192, help="token ids in the training CE (0: all)")
     d.add_argument("--accumulate", type=int, default=4)
     d.add_argument("--save-every", type=int, default=50)
-    d.add_argument("--no-warm-start", action="store_true", help="do not start from the target's last layer")
+    d.add_argument("--warm-start", action="store_true", help="start the layer from the target's last layer")
     d.set_defaults(func=_train_draft)
     return p
 

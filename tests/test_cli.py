@@ -28,11 +28,13 @@ def test_bench_writes_results_table_and_plot(tmp_path, capsys):
         json.dumps({"question_id": 2, "category": "x", "turns": ["Count to three."]})]
     prompts.write_text("\n".join(lines) + "\n")
     out = tmp_path / "bench"
-    assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "chain,eagle2", "--sweep", "length=1,2",
+    assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "chain,eagle2,ar", "--sweep", "length=1,2",
                      "--sweep", "total_tokens=4", "--draft", "self", "--top-k-tree", "2", "--depth", "1",
                      "--max-new-tokens", "8", "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 2 and {r["strategy"] for r in rows} == {"chain", "eagle2"}
+    assert len(rows) == 4 * 2 and {r["strategy"] for r in rows} == {"chain", "eagle2", "ar"}
+    summary = json.loads((out / "summary.json").read_text())["rows"]
+    assert summary[-1]["strategy"] == "ar" and summary[-1]["speedup_vs_ar"] == 1.0 and summary[0]["speedup_vs_ar"] > 0
     assert (out / "tau_gamma.png").stat().st_size > 0 and "| chain |" in (out / "summary.md").read_text()
 
 

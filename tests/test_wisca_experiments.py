@@ -1,0 +1,65 @@
+"""The WISCA experiment scripts at toy sizes: real corpus, identical start for baseline and WISCA, resume."""
+
+import json
+import os
+
+import pytest
+
+from experiments.wisca import pretrain
+
+TINY = ["--steps", "6", "--batch", "2", "--seq-len", "16", "--hidden", "32", "--layers", "1", "--heads", "4",
+        "--group", "2", "--vocab", "256", "--sharegpt", "8", "--eval-every", "3", "--val-blocks", "4",
+        "--ckpt-every", "2", "--tail", "2", "--seeds", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("wisca"))
+
+
+def test_pretrain_baseline_and_wisca_start_identically(corpus_dir):
+    out = corpus_dir
+    assert pretrain.main(["--out", out, "--configs", "baseline,wisca", "--every", "3", *TINY]) == 0
+    base = json.load(open(os.path.join(out, "baseline", "seed0.json")))
+    wisca = json.load(open(os.path.join(out, "wisca", "seed0.json")))
+    # same init, same batches, and WISCA leaves outputs unchanged: the first loss is the same
+    assert wisca["history"][0] == pytest.approx(base["history"][0], abs=1e-5)
+    assert wisca["history"][1:] != base["history"][1:]  # but training differs afterwards
+    assert [t[0] for t in wisca["transitions"]] == [0, 3, 6] and base["transitions"] == []
+    assert [e[0] for e in base["evals"]] == [3, 6] and base["val_ppl"] > 1
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["wisca"]["vs"] == "baseline" and "exceeds_spread" in summary["wisca"]["val_loss_vs_ref"]
+    assert os.path.getsize(os.path.join(out, "loss_curves.png")) > 0
+    assert "| wisca | 1 |" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_pretrain_resumes_where_it_stopped(corpus_dir, monkeypatch, tmp_path):
+    full = json.load(open(os.path.join(corpus_dir, "wisca", "seed0.json")))
+    out = str(tmp_path / "resume")
+    os.makedirs(out)
+    os.symlink(os.path.join(corpus_dir, "cache"), os.path.join(out, "cache"))
+    real_eval, calls = pretrain.evaluate, []
+
+    def dying_eval(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the checkpoint at step 4
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(pretrain, "evaluate", dying_eval)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(["--out", out, "--configs", "wisca", "--every", "3", *TINY])
+    assert os.path.isfile(os.path.join(out, "wisca", "seed0.ckpt.pt"))
+    monkeypatch.setattr(pretrain, "evaluate", real_eval)
+    assert pretrain.main(["--out", out, "--configs", "wisca", "--every", "3", *TINY]) == 0
+    resumed = json.load(open(os.path.join(out, "wisca", "seed0.json")))
+    assert resumed["history"] == pytest.approx(full["history"], abs=1e-6)
+    assert [t[0] for t in resumed["transitions"]] == [0, 3, 6]
+    assert not os.path.exists(os.path.join(out, "wisca", "seed0.ckpt.pt"))
+
+
+def test_unknown_config_and_bad_group_are_rejected(corpus_dir):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--out", corpus_dir, "--configs", "nonsense"])
+    with pytest.raises(SystemExit):
+        pretrain.main(["--out", corpus_dir, "--heads", "6", "--group", "4"])
