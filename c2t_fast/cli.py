@@ -258,8 +258,19 @@ def _collect_trees(args) -> int:
     draft = load_draft(args.draft, target)
     k, depth = args.top_k_tree or 10, args.depth if args.depth is not None else 10
     total = 1 + k + depth * k * k  # the complete expanded tree: no rerank
-    with open(args.prompts) as f:
-        texts = [json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip() for line in f if line.strip()]
+    if (args.prompts is None) == (args.sharegpt is None):
+        raise ValueError("collect-trees needs exactly one of --prompts FILE and --sharegpt START")
+    if args.prompts is not None:
+        with open(args.prompts) as f:
+            texts = [json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip() for line in f
+                     if line.strip()]
+    else:
+        from itertools import islice
+
+        from .data import sharegpt_conversations
+
+        firsts = (msgs[0]["content"] for msgs in islice(sharegpt_conversations(), args.sharegpt, None))
+        texts = list(islice((t for t in firsts if len(t) <= 2000), args.limit or 100))  # long pastes: slow prefill
     texts = texts[: args.limit] if args.limit else texts
     with TreeRecorder(args.out, {"target": args.target, "draft": args.draft, "top_k": k, "depth": depth}) as rec:
         gen = SpeculativeGenerator(target, draft, Eagle2(top_k=k, depth=depth, total_tokens=total), recorder=rec)
@@ -340,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("collect-trees", help="record full EAGLE-2 trees (P, H, d, accepted) for classifier training")
-    c.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with a 'text' field")
+    c.add_argument("--prompts", default=None, help="text file (one prompt per line) or JSONL with a 'text' field")
+    c.add_argument("--sharegpt", type=int, default=None, metavar="START",
+                   help="instead of --prompts: first user turns of ShareGPT conversations START, START+1, ... "
+                        "(--limit of them, default 100, up to 2000 characters each); pick a range the draft head "
+                        "was not trained on")
     c.add_argument("--out", required=True)
     c.add_argument("--target", default="smollm2")
     c.add_argument("--draft", default=None)

@@ -157,6 +157,8 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     torch.manual_seed(cfg.seed)
     data = _load_shards(cache_dir)
     n_val = int(len(data) * cfg.val_fraction)
+    if n_val == 0 and cfg.val_fraction > 0 and len(data) >= 4:
+        n_val = 1
     val, data = data[len(data) - n_val:], data[:len(data) - n_val]
     head = EagleDraftHead(target.config).attach(target)
     for p in (*head.embed_tokens.parameters(), *head.lm_head.parameters()):

@@ -192,6 +192,11 @@ class EagleDraftHead(Draft):
         if bad or unexpected:
             raise ValueError(f"{path}: weights do not match the head (missing {bad}, unexpected {unexpected})")
         if target is not None:
+            tc = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+            for key in ("hidden_size", "vocab_size"):
+                if getattr(tc, key) != getattr(head.config, key):
+                    raise ValueError(f"the draft head at {path} was trained for a target with {key} "
+                                     f"{getattr(head.config, key)}, this target has {getattr(tc, key)}")
             head.attach(target)
         return head.eval()
 

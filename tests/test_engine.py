@@ -202,3 +202,6 @@ def test_draft_head_save_load_round_trip(tmp_path):
     half = EagleDraftHead.from_pretrained(str(tmp_path / "fp16"), target)
     assert half.fc.weight.dtype == torch.float32
     torch.testing.assert_close(half.fc.weight, head.fc.weight.half().float())
+    other = tiny_causal_lm("llama", 6, 2, seed=1, vocab=101)  # another vocabulary: refused, not mis-attached
+    with pytest.raises(ValueError, match="vocab_size 97, this target has 101"):
+        EagleDraftHead.from_pretrained(str(tmp_path), other)

@@ -63,3 +63,40 @@ def test_unknown_config_and_bad_group_are_rejected(corpus_dir):
         pretrain.main(["--out", corpus_dir, "--configs", "nonsense"])
     with pytest.raises(SystemExit):
         pretrain.main(["--out", corpus_dir, "--heads", "6", "--group", "4"])
+
+
+def test_lora_experiment_starts_identically_and_reports(tmp_path):
+    from experiments.wisca import lora
+
+    out = str(tmp_path / "lora")
+    assert lora.main(["--out", out, "--steps", "2", "--batch", "1", "--seq-len", "16", "--train-conversations", "6",
+                      "--val-conversations", "3", "--seeds", "0", "--every", "1", "--eval-every", "1",
+                      "--tail", "1", "--first-conversation", "9000"]) == 0
+    runs = {c: json.load(open(os.path.join(out, c, "seed0.json"))) for c in lora.CONFIGS}
+    # WISCA at init preserves the model's outputs (effective) or skips the B = 0 adapters: same start
+    for c in ("wisca_effective", "wisca_adapter"):
+        assert runs[c]["evals"][0][1] == pytest.approx(runs["baseline"]["evals"][0][1], rel=1e-5)
+        assert runs[c]["transitions"] == [0, 1, 2]
+    assert runs["wisca_effective"]["history"][1] != runs["baseline"]["history"][1]
+    assert "wisca_adapter" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_draft_experiment_trains_both_heads_and_measures_tau(tmp_path):
+    from c2t_fast.draft_training import cache_hidden_states
+    from c2t_fast.shipped import load_smollm2
+    from experiments.wisca import draft
+
+    model, tok = load_smollm2()
+    texts = [f"{i}: the quick brown fox jumps over the lazy dog. " * 4 for i in range(4)]
+    cache = str(tmp_path / "cache")
+    cache_hidden_states(model, (tok(t, return_tensors="pt")["input_ids"][0] for t in texts), cache, 10_000,
+                        shard_size=1, progress=False)
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"turns": ["Say hi."]}) + "\n")
+    out = str(tmp_path / "draft")
+    assert draft.main(["--out", out, "--cache", cache, "--shards", "4", "--prompts", "1", "--max-new-tokens", "4",
+                       "--every", "1", "--mt-bench", str(prompts)]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary) == {"baseline", "wisca"} and all(s["steps"] > 0 for s in summary.values())
+    with pytest.raises(FileNotFoundError, match="has 4 shards"):
+        draft.main(["--out", out, "--cache", cache, "--shards", "5", "--mt-bench", str(prompts)])

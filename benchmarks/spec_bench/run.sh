@@ -2,7 +2,8 @@
 # C2T vs EAGLE-2 on the four spec_bench sets with the shipped SmolLM2 target, draft head and classifier.
 # Resumable: a finished bench directory (summary.json present) is skipped.
 #   LIMIT=4 MAX_NEW=256 OUT=runs/spec_bench bash benchmarks/spec_bench/run.sh
-# LIMIT questions per set (first turns; all 80 when empty), MAX_NEW new tokens per answer.
+# LIMIT questions per set (first turns; all 80 when empty), MAX_NEW new tokens per answer, SETS which
+# sets (the MT-bench-only runs — no second pruning, feature ablation, temperature 1 — come with mt_bench).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SETS=${SETS:-"mt_bench humaneval alpaca sum"}
@@ -13,7 +14,15 @@ LIMIT_ARG=${LIMIT:+--limit $LIMIT}
 EAGLE_TOTALS=${EAGLE_TOTALS:-20,40,80}
 C2T_BETAS=${C2T_BETAS:-0.3,0.5,0.7}
 ABLATION_DIR=${ABLATION_DIR:-runs/classifier_ablation}
+TREES=${TREES:-runs/trees}
 export HF_HUB_OFFLINE=1
+
+if [[ " $SETS " == *" mt_bench "* && -d "$TREES" ]]; then  # feature-ablation classifiers (seconds each)
+  for feats in P_H P_d H_d; do
+    [[ -d "$ABLATION_DIR/$feats" ]] || c2t-fast train-classifier --data "$TREES" --out "$ABLATION_DIR/$feats" \
+      --features "${feats/_/,}"
+  done
+fi
 
 bench() {  # name, extra args...
   local dir="$OUT/$1"; shift
@@ -27,6 +36,7 @@ for set in $SETS; do
   bench "$set/eagle2" --prompts "$q" --strategies eagle2 --top-k-tree 15 --depth 9 --sweep "total_tokens=$EAGLE_TOTALS"
   bench "$set/c2t" --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --sweep "beta=$C2T_BETAS"
 done
+if [[ " $SETS " == *" mt_bench "* ]]; then
 q="$DATA/mt_bench.jsonl"
 bench mt_bench/c2t_no_second_prune --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --no-second-prune \
   --sweep "beta=$C2T_BETAS"
@@ -38,4 +48,5 @@ for feats in P_H P_d H_d; do  # Table 1: classifiers trained on feature subsets 
 done
 bench mt_bench/temperature_1 --prompts "$q" --strategies c2t,eagle2,ar --temperature 1.0 --top-k-tree 15 \
   --depth 9 --d-max 10
+fi
 python benchmarks/spec_bench/report.py "$OUT"
