@@ -24,10 +24,11 @@ from .classifier import C2TClassifier, ClassifierConfig, open_tree_dataset
 @dataclass
 class TrainConfig:
     lr: float | None = None  # 1e-3, or 1e-4 when fine-tuning (the paper's values)
-    batch_size: int = 1024
+    batch_size: int = 64
     epochs: int = 10
+    min_steps: int = 1500  # more epochs when the data is small: a few hundred positives need them
     neg_ratio: float = 1.0
-    val_fraction: float = 0.05
+    val_fraction: float = 0.1
     threshold: float = 0.5  # beta at which recall / positive rate are measured
     recall_tolerance: float = 0.005  # recalls this close count as "similar"; then the lower positive rate wins
     seed: int = 0
@@ -100,8 +101,10 @@ def train_classifier(data: str, out: str, config: TrainConfig | None = None, pro
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate())
     n_neg = min(len(neg_idx), int(round(len(pos_idx) * cfg.neg_ratio)))
+    steps_per_epoch = -(-(len(pos_idx) + n_neg) // cfg.batch_size)
+    n_epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
     history, states = [], []
-    epochs = tqdm(range(cfg.epochs), desc="classifier", disable=not progress)
+    epochs = tqdm(range(n_epochs), desc="classifier", disable=not progress)
     for epoch in epochs:
         idx = np.concatenate([pos_idx, rng.choice(neg_idx, size=n_neg, replace=False)])
         batch_rows = rows[np.sort(idx)]  # sorted reads from the memory map
@@ -130,7 +133,8 @@ def train_classifier(data: str, out: str, config: TrainConfig | None = None, pro
     model.save_pretrained(out)
     report = {
         "data": os.path.abspath(data), "rows": int(len(rows)), "train_positives": int(len(pos_idx)),
-        "train_negatives_per_epoch": n_neg, "val_rows": int(len(val_rows)),
+        "train_negatives_per_epoch": n_neg, "epochs": n_epochs, "steps": n_epochs * steps_per_epoch,
+        "val_rows": int(len(val_rows)),
         "val_positives": int(val_labels.sum().item()), "selected_epoch": best, "selected": history[best],
         "history": history, "config": asdict(cfg),
     }

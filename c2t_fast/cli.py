@@ -12,7 +12,8 @@ def _train_classifier(args) -> int:
     from .classifier import ClassifierConfig
     from .classifier_training import TrainConfig, train_classifier
 
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, neg_ratio=args.neg_ratio,
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, min_steps=args.min_steps,
+                      neg_ratio=args.neg_ratio,
                       val_fraction=args.val_fraction, seed=args.seed, finetune_from=args.finetune_from,
                       finetune_fraction=args.finetune_fraction,
                       model=ClassifierConfig(hidden=args.hidden, features=args.features.split(","), log_p=args.log_p))
@@ -308,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="tree-dataset directory (TreeRecorder output)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--lr", type=float, default=None, help="default 1e-3, or 1e-4 when fine-tuning")
-    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--min-steps", type=int, default=1500, help="raise the epochs until this many optimizer steps")
     t.add_argument("--neg-ratio", type=float, default=1.0, help="negatives per positive in each epoch")
-    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--hidden", type=int, default=48)
     t.add_argument("--features", default="P,H,d", help="comma-separated subset of P,H,d")
     t.add_argument("--log-p", action="store_true", help="feed log P instead of P (extension)")

@@ -16,9 +16,22 @@ def test_generate_prints_text_and_metrics(capsys):
     assert "Paris" in out and "tau " in out and "gamma " in out and "tokens/s" in out and "speed-up" in out
 
 
-def test_generate_without_a_draft_says_which_to_pass(capsys):
-    assert cli.main(["generate", "--prompt", "hi"]) == 2
-    assert "--draft self" in capsys.readouterr().err
+def test_generate_runs_on_the_shipped_defaults(capsys):
+    # the README's main job: SmolLM2, shipped head and classifier, C2T, nothing else passed
+    assert cli.main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "speed-up" in out
+
+
+def test_generate_with_a_draft_for_another_target_says_so(tmp_path, capsys):
+    from c2t_fast.drafts import EagleDraftHead
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=1)
+    EagleDraftHead(cfg).save_pretrained(str(tmp_path / "head"))
+    assert cli.main(["generate", "--prompt", "hi", "--draft", str(tmp_path / "head")]) == 2
+    assert "hidden_size 64, this target has 576" in capsys.readouterr().err
 
 
 def test_bench_writes_results_table_and_plot(tmp_path, capsys):
@@ -55,3 +68,14 @@ def test_collect_trees_records_full_trees(tmp_path, capsys):
                      "--top-k-tree", "2", "--depth", "2", "--max-new-tokens", "6"]) == 0
     rows = open_tree_dataset(str(out))
     assert len(rows) > 0 and len(rows) % (2 + 2 * 4) == 0 and rows["label"].sum() > 0
+
+
+def test_collect_trees_from_sharegpt_needs_exactly_one_source(tmp_path, capsys):
+    from c2t_fast.classifier import open_tree_dataset
+
+    out = tmp_path / "trees"
+    assert cli.main(["collect-trees", "--sharegpt", "9000", "--limit", "1", "--out", str(out), "--draft", "self",
+                     "--top-k-tree", "2", "--depth", "1", "--max-new-tokens", "3"]) == 0
+    assert len(open_tree_dataset(str(out))) > 0
+    assert cli.main(["collect-trees", "--out", str(out), "--draft", "self"]) == 2
+    assert "exactly one of --prompts" in capsys.readouterr().err

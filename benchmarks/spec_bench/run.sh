@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE=1
 
 if [[ " $SETS " == *" mt_bench "* && -d "$TREES" ]]; then  # feature-ablation classifiers (seconds each)
   for feats in P_H P_d H_d; do
-    [[ -d "$ABLATION_DIR/$feats" ]] || c2t-fast train-classifier --data "$TREES" --out "$ABLATION_DIR/$feats" \
+    [[ -d "$ABLATION_DIR/$feats" ]] || c2t-fast train-classifier --data "$TREES" --val-fraction 0.2 --out "$ABLATION_DIR/$feats" \
       --features "${feats/_/,}"
   done
 fi
