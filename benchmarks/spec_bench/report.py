@@ -11,19 +11,29 @@ import os
 import sys
 
 CURVES = ("eagle2", "c2t", "c2t_no_second_prune")
+MERGE = {"c2t_high_beta": "c2t"}  # extra sweep points run separately join their curve
 
 
 def load(out: str) -> dict[str, dict[str, dict]]:
     runs: dict[str, dict[str, dict]] = {}
     for path in sorted(glob.glob(os.path.join(out, "*", "*", "summary.json"))):
         set_name, run = path.split(os.sep)[-3:-1]
-        runs.setdefault(set_name, {})[run] = json.load(open(path))
+        summary = json.load(open(path))
+        entry = runs.setdefault(set_name, {}).setdefault(MERGE.get(run, run), {"rows": []})
+        entry["rows"] = entry["rows"] + summary["rows"]
     return runs
 
 
-def interpolate_gamma(curve: list[dict], tau: float) -> float | None:
-    """EAGLE-2's gamma/step at ``tau`` by linear interpolation along its curve (None outside it)."""
+def interpolate_gamma(curve: list[dict], tau: float, tolerance: float = 0.005) -> float | None:
+    """EAGLE-2's gamma/step at ``tau`` by linear interpolation along its curve (None outside it; a
+    ``tolerance`` past either end snaps to that end)."""
     pts = sorted((r["tau"], r["gamma_per_step"]) for r in curve)
+    if not pts:
+        return None
+    if pts[0][0] - tolerance <= tau < pts[0][0]:
+        return pts[0][1]
+    if pts[-1][0] < tau <= pts[-1][0] + tolerance:
+        return pts[-1][1]
     for (t0, g0), (t1, g1) in zip(pts, pts[1:]):
         if t0 <= tau <= t1:
             return g0 if t1 == t0 else g0 + (g1 - g0) * (tau - t0) / (t1 - t0)
@@ -73,6 +83,9 @@ def plot(set_name: str, runs: dict, path: str) -> None:
         if rows:
             pts = sorted((r["gamma_per_step"], r["tau"]) for r in rows)
             ax.plot(*zip(*pts), style, label=curve)
+    if not ax.lines:
+        plt.close(fig)
+        return
     ax.set(xlabel="γ: draft tokens verified per step", ylabel="τ: accepted draft tokens per step",
            title=f"{set_name}: τ–γ (SmolLM2-135M, shipped head)")
     ax.legend()

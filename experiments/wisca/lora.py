@@ -5,8 +5,8 @@ baseline vs WISCA with both LoRA options ("effective": factors pushed into the f
     python -m experiments.wisca.lora --out runs/wisca_lora
     python -m experiments.wisca.lora --steps 1000 --batch 16 --seq-len 512 --every 250   # bigger hardware
 
-The CPU default is short (60 steps), so WISCA runs at init and every 20 steps instead of the paper's
-250 (a run of 60 steps would otherwise never see a transition after init). Conversations come from the
+The CPU default is short (30 steps), so WISCA runs at init and every 10 steps instead of the paper's
+250 (a run of 30 steps would otherwise never see a transition after init). Conversations come from the
 end of the ShareGPT file (disjoint from the draft head's); the validation conversations are disjoint
 from the training ones. Resumable per run (JSON per finished run; checkpoints inside a run).
 """
@@ -136,19 +136,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/wisca_lora")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--every", type=int, default=20, help="WISCA every N optimizer steps (paper: 250)")
+    p.add_argument("--every", type=int, default=10, help="WISCA every N optimizer steps (paper: 250)")
     p.add_argument("--train-conversations", type=int, default=600)
-    p.add_argument("--val-conversations", type=int, default=80)
+    p.add_argument("--val-conversations", type=int, default=40)
     p.add_argument("--first-conversation", type=int, default=9000)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--tail", type=int, default=20)
-    p.add_argument("--ckpt-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=15)
+    p.add_argument("--tail", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:

@@ -102,7 +102,7 @@ def write_pretrain_report(out: str) -> dict:
 def write_lora_report(out: str) -> dict:
     metrics = ("final_train_loss", "val_loss")
     summary = summarize(out, metrics)
-    table = markdown_table(summary, metrics, {"final_train_loss": "train loss (last 20)", "val_loss": "val loss"})
+    table = markdown_table(summary, metrics, {"final_train_loss": "train loss (last 10)", "val_loss": "val loss"})
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
     plot_curves(out, "history", "train loss", "loss_curves.png", evals_key="evals")
