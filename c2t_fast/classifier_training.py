@@ -1,7 +1,7 @@
 """Training of the C2T classifier from a tree dataset (paper App. B).
 
 Balanced negative sampling (all positives plus ``neg_ratio`` times as many negatives, re-drawn every
-epoch), a train/validation split by tree, Adam, BCE-with-logits, and checkpoint selection by
+epoch; by default half of them at the positives' depths), a train/validation split by tree, Adam, BCE-with-logits, and checkpoint selection by
 validation recall first, then the lowest positive rate (the fraction of nodes the classifier would
 keep at the threshold, which drives the verified-token count). Fine-tuning mode: start from a trained
 classifier, lr 1e-4, on a fraction of the new data's trees.
@@ -28,6 +28,10 @@ class TrainConfig:
     epochs: int = 10
     min_steps: int = 1500  # more epochs when the data is small: a few hundred positives need them
     neg_ratio: float = 1.0
+    # "depth_matched": half of each epoch's negatives drawn at the positives' depths (as many per depth as
+    # positives there), half uniformly; "uniform": all uniformly over nodes (most nodes are deep, so a
+    # few hundred positives teach "shallow = keep" and nothing about P and H among the root's children)
+    neg_sampling: str = "depth_matched"
     val_fraction: float = 0.1
     threshold: float = 0.5  # beta at which recall / positive rate are measured
     recall_tolerance: float = 0.005  # recalls this close count as "similar"; then the lower positive rate wins
@@ -48,6 +52,24 @@ def select_epoch(history: list[dict], tolerance: float) -> int:
     best_recall = max(h["recall"] for h in history)
     close = [i for i, h in enumerate(history) if h["recall"] >= best_recall - tolerance]
     return min(close, key=lambda i: (history[i]["positive_rate"], i))
+
+
+def sample_negatives(neg_idx: np.ndarray, neg_depth: np.ndarray, pos_depth: np.ndarray, n: int, how: str,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` negatives (see ``TrainConfig.neg_sampling``)."""
+    if how == "uniform":
+        return rng.choice(neg_idx, size=n, replace=False)
+    if how != "depth_matched":
+        raise ValueError(f"neg_sampling must be 'uniform' or 'depth_matched', got {how!r}")
+    picked = []
+    depths, counts = np.unique(pos_depth, return_counts=True)
+    for d, c in zip(depths, counts):
+        pool = neg_idx[neg_depth == d]
+        k = min(len(pool), int(round(c * n / (2 * len(pos_depth)))))
+        picked.append(rng.choice(pool, size=k, replace=False))
+    matched = np.concatenate(picked) if picked else np.empty(0, np.int64)
+    rest = np.setdiff1d(neg_idx, matched, assume_unique=True)
+    return np.concatenate([matched, rng.choice(rest, size=min(len(rest), n - len(matched)), replace=False)])
 
 
 def _features(rows: np.ndarray) -> torch.Tensor:
@@ -101,12 +123,14 @@ def train_classifier(data: str, out: str, config: TrainConfig | None = None, pro
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate())
     n_neg = min(len(neg_idx), int(round(len(pos_idx) * cfg.neg_ratio)))
+    depth_all = np.asarray(rows["d"])
+    neg_depth, pos_depth = depth_all[neg_idx], depth_all[pos_idx]
     steps_per_epoch = -(-(len(pos_idx) + n_neg) // cfg.batch_size)
     n_epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
     history, states = [], []
     epochs = tqdm(range(n_epochs), desc="classifier", disable=not progress)
     for epoch in epochs:
-        idx = np.concatenate([pos_idx, rng.choice(neg_idx, size=n_neg, replace=False)])
+        idx = np.concatenate([pos_idx, sample_negatives(neg_idx, neg_depth, pos_depth, n_neg, cfg.neg_sampling, rng)])
         batch_rows = rows[np.sort(idx)]  # sorted reads from the memory map
         feats = _features(batch_rows)
         labels = torch.from_numpy(batch_rows["label"].astype(np.float32))

@@ -13,7 +13,7 @@ def _train_classifier(args) -> int:
     from .classifier_training import TrainConfig, train_classifier
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, min_steps=args.min_steps,
-                      neg_ratio=args.neg_ratio,
+                      neg_ratio=args.neg_ratio, neg_sampling=args.neg_sampling,
                       val_fraction=args.val_fraction, seed=args.seed, finetune_from=args.finetune_from,
                       finetune_fraction=args.finetune_fraction,
                       model=ClassifierConfig(hidden=args.hidden, features=args.features.split(","), log_p=args.log_p))
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--min-steps", type=int, default=1500, help="raise the epochs until this many optimizer steps")
     t.add_argument("--neg-ratio", type=float, default=1.0, help="negatives per positive in each epoch")
+    t.add_argument("--neg-sampling", default="depth_matched", choices=["depth_matched", "uniform"],
+                   help="half of the negatives at the positives' depths (default), or all uniform")
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--hidden", type=int, default=48)
     t.add_argument("--features", default="P,H,d", help="comma-separated subset of P,H,d")

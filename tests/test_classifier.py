@@ -212,3 +212,21 @@ def test_selection_rule_prefers_recall_then_low_positive_rate():
             {"recall": 0.968, "positive_rate": 0.05}, {"recall": 0.95, "positive_rate": 0.001}]
     assert select_epoch(hist, tolerance=0.005) == 2
     assert select_epoch(hist, tolerance=0.0) == 1
+
+
+def test_depth_matched_negatives_follow_the_positives_depths():
+    from c2t_fast.classifier_training import sample_negatives
+
+    rng = np.random.default_rng(0)
+    neg_depth = np.repeat(np.arange(10), [10] + [110] * 9)  # like a full tree: few shallow nodes
+    neg_idx = np.arange(len(neg_depth)) + 1000
+    pos_depth = np.array([0] * 8 + [1] * 2)
+    for _ in range(5):
+        picked = sample_negatives(neg_idx, neg_depth, pos_depth, 20, "depth_matched", rng)
+        assert len(picked) == 20 and len(np.unique(picked)) == 20 and np.isin(picked, neg_idx).all()
+        d = neg_depth[picked - 1000]
+        assert (d == 0).sum() >= 8 and (d == 1).sum() >= 2  # half matched: as the positives, 8:2
+        uniform = neg_depth[sample_negatives(neg_idx, neg_depth, pos_depth, 20, "uniform", rng) - 1000]
+        assert (uniform == 0).sum() <= 3
+    with pytest.raises(ValueError, match="neg_sampling"):
+        sample_negatives(neg_idx, neg_depth, pos_depth, 20, "sideways", rng)

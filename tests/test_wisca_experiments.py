@@ -76,7 +76,7 @@ def test_lora_experiment_starts_identically_and_reports(tmp_path):
     # WISCA at init preserves the model's outputs (effective) or skips the B = 0 adapters: same start
     for c in ("wisca_effective", "wisca_adapter"):
         assert runs[c]["evals"][0][1] == pytest.approx(runs["baseline"]["evals"][0][1], rel=1e-5)
-        assert runs[c]["transitions"] == [0, 1, 2]
+        assert [t[0] for t in runs[c]["transitions"]] == [0, 1, 2]
     assert runs["wisca_effective"]["history"][1] != runs["baseline"]["history"][1]
     assert "wisca_adapter" in open(os.path.join(out, "summary.md")).read()
 

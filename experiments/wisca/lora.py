@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
-from tqdm.auto import tqdm
 
-from .common import cosine_lr, load_done, save_run
+from .common import mean_lm_loss, parse_run_args, run_grid, train_loop
 
 CONFIGS = {"baseline": None, "wisca_effective": "effective", "wisca_adapter": "adapter"}
 
@@ -56,19 +54,6 @@ def lora_model(seed: int, rank: int):
     return get_peft_model(copy.deepcopy(base), cfg)
 
 
-@torch.no_grad()
-def val_loss(model, val: torch.Tensor, batch: int) -> float:
-    model.eval()
-    total = n = 0
-    for i in range(0, val.shape[0], batch):
-        x = val[i:i + batch]
-        logits = model(input_ids=x[:, :-1]).logits
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        n += x[:, 1:].numel()
-    model.train()
-    return total / n
-
-
 def train_one(args, train: torch.Tensor, val: torch.Tensor, config: str, seed: int) -> dict:
     from wisca_fast import WiscaScheduler
 
@@ -80,54 +65,15 @@ def train_one(args, train: torch.Tensor, val: torch.Tensor, config: str, seed: i
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(1000 + seed))
     os.makedirs(os.path.join(args.out, config), exist_ok=True)
     ckpt = os.path.join(args.out, config, f"seed{seed}.ckpt.pt")
-    state = {"step": 0, "history": [], "evals": [], "elapsed": 0.0}
-    if os.path.isfile(ckpt):
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"], strict=False)
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        if sched:
-            sched.steps = state["step"]
-    else:
-        state["evals"].append((0, val_loss(model, val, args.batch)))
-    model.train()
-    t0 = time.perf_counter() - state["elapsed"]
-    bar = tqdm(total=args.steps, initial=state["step"], desc=f"{config} seed {seed}", leave=False)
-    while state["step"] < args.steps:
-        step = state["step"]
-        idx = order[(step * args.batch) % order.numel():][: args.batch]
-        x = train[idx]
-        for g in opt.param_groups:
-            g["lr"] = args.lr * cosine_lr(step, args.steps, args.warmup)
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["history"].append(loss.item())
-        if sched:
-            sched.step()
-        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
-            state["evals"].append((state["step"], val_loss(model, val, args.batch)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if state["step"] % args.ckpt_every == 0 and state["step"] < args.steps:
-            state["elapsed"] = time.perf_counter() - t0
-            trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-            # effective-mode WISCA also rescales the frozen base: it must travel with the checkpoint
-            if mode == "effective":
-                trainable = model.state_dict()
-            torch.save({"model": trainable, "opt": opt.state_dict(), "state": state}, ckpt)
-    bar.close()
+    # effective-mode WISCA also rescales the frozen base: then the whole model travels with a checkpoint
+    adapters = None if mode == "effective" else (lambda: {k: v for k, v in model.state_dict().items()
+                                                          if "lora_" in k})
+    state = train_loop(model, opt, params, train, order, lambda: mean_lm_loss(model, val, args.batch), sched, args,
+                       ckpt, f"{config} seed {seed}", checkpoint_weights=adapters, eval_at_start=True)
     tail = state["history"][-args.tail:]
     result = {"config": config, "seed": seed, "final_train_loss": sum(tail) / len(tail),
               "val_loss": state["evals"][-1][1], "history": state["history"], "evals": state["evals"],
-              "transitions": [s for s, _ in sched.history] if sched else [],
-              "seconds": time.perf_counter() - t0, "settings": vars(args)}
-    if os.path.isfile(ckpt):
-        os.remove(ckpt)
+              "transitions": state["transitions"], "seconds": state["elapsed"], "settings": vars(args)}
     return result
 
 
@@ -150,13 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--tail", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    args, configs = parse_run_args(p, argv, CONFIGS)
     from c2t_fast.shipped import load_smollm2
 
     _, tok = load_smollm2()
@@ -164,16 +104,8 @@ def main(argv=None) -> int:
     val = conversation_blocks(tok, args.first_conversation + args.train_conversations, args.val_conversations,
                               args.seq_len)
     print(f"LoRA data: {train.shape[0]} train blocks, {val.shape[0]} validation blocks of {args.seq_len + 1} tokens")
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for config in configs:
-            done = load_done(args.out, config, seed)
-            if done:
-                print(f"{config} seed {seed}: done (val loss {done['val_loss']:.4f})")
-                continue
-            result = train_one(args, train, val, config, seed)
-            save_run(args.out, config, seed, result)
-            print(f"{config} seed {seed}: train loss {result['final_train_loss']:.4f}, val loss {result['val_loss']:.4f}"
-                  f" ({result['seconds']:.0f} s)")
+    run_grid(args.out, configs, [int(s) for s in args.seeds.split(",")],
+             lambda config, seed: train_one(args, train, val, config, seed), "val_loss")
     from .report import write_lora_report
 
     write_lora_report(args.out)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
-from tqdm.auto import tqdm
 
-from .common import cosine_lr, load_done, save_run
+from .common import mean_lm_loss, parse_run_args, run_grid, train_loop
 from .corpus import build_corpus
 
 # name -> (group size override or None, WiscaScheduler kwargs or None for no WISCA)
@@ -47,17 +45,7 @@ def make_model(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, 
     return LlamaForCausalLM(cfg)
 
 
-@torch.no_grad()
-def evaluate(model, val: torch.Tensor, batch: int) -> float:
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, val.shape[0], batch):
-        x = val[i:i + batch]
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-        total, n = total + loss.item(), n + x[:, 1:].numel()
-    model.train()
-    return total / n
+evaluate = mean_lm_loss  # module attribute: the resume test interrupts a run through it
 
 
 def train_one(args, corpus: dict, config: str, seed: int, out: str) -> dict:
@@ -74,52 +62,15 @@ def train_one(args, corpus: dict, config: str, seed: int, out: str) -> dict:
     val = corpus["val"][: args.val_blocks]
     os.makedirs(os.path.join(out, config), exist_ok=True)
     ckpt = os.path.join(out, config, f"seed{seed}.ckpt.pt")
-    state = {"step": 0, "history": [], "evals": [], "transitions": [], "elapsed": 0.0}
-    if os.path.isfile(ckpt):
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        if sched:
-            sched.steps = state["step"]
-    elif sched:
-        state["transitions"].append(sched.history[-1])
-    model.train()
-    bar = tqdm(total=args.steps, initial=state["step"], desc=f"{config} seed {seed}", leave=False)
-    t0 = time.perf_counter() - state["elapsed"]
-    while state["step"] < args.steps:
-        step = state["step"]
-        idx = order[(step * args.batch) % order.numel():][: args.batch]
-        x = corpus["train"][idx]
-        for g in opt.param_groups:
-            g["lr"] = args.lr * cosine_lr(step, args.steps, args.warmup)
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["history"].append(loss.item())
-        if sched and sched.step() is not None:
-            state["transitions"].append(sched.history[-1])
-        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
-            state["evals"].append((state["step"], evaluate(model, val, args.batch)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if state["step"] % args.ckpt_every == 0 and state["step"] < args.steps:
-            state["elapsed"] = time.perf_counter() - t0
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
-    bar.close()
+    state = train_loop(model, opt, list(model.parameters()), corpus["train"], order,
+                       lambda: evaluate(model, val, args.batch), sched, args, ckpt, f"{config} seed {seed}")
     tail = state["history"][-args.tail:]
     result = {"config": config, "seed": seed, "group": group or args.group,
               "params": sum(p.numel() for p in model.parameters()),
               "final_train_loss": sum(tail) / len(tail), "val_loss": state["evals"][-1][1],
               "val_ppl": float(torch.tensor(state["evals"][-1][1]).exp()),
               "history": state["history"], "evals": state["evals"], "transitions": state["transitions"],
-              "seconds": time.perf_counter() - t0, "settings": vars(args)}
-    if os.path.isfile(ckpt):
-        os.remove(ckpt)
+              "seconds": state["elapsed"], "settings": vars(args)}
     return result
 
 
@@ -146,28 +97,13 @@ def main(argv=None) -> int:
     p.add_argument("--tail", type=int, default=50, help="final train loss = mean of the last N steps")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    args, configs = parse_run_args(p, argv, CONFIGS)
     if args.heads % args.group:
         p.error(f"--heads {args.heads} is not divisible by --group {args.group}")
     corpus = build_corpus(os.path.join(args.out, "cache"), args.seq_len, args.vocab, args.sharegpt)
     print("corpus:", corpus["stats"])
-    seeds = [int(s) for s in args.seeds.split(",")]
-    for seed in seeds:  # seed-major: every config gets a first seed before any gets a third
-        for config in configs:
-            done = load_done(args.out, config, seed)
-            if done:
-                print(f"{config} seed {seed}: done (val ppl {done['val_ppl']:.2f})")
-                continue
-            result = train_one(args, corpus, config, seed, args.out)
-            save_run(args.out, config, seed, result)
-            print(f"{config} seed {seed}: train loss {result['final_train_loss']:.4f}, val ppl {result['val_ppl']:.2f}"
-                  f" ({result['seconds']:.0f} s)")
+    run_grid(args.out, configs, [int(s) for s in args.seeds.split(",")],
+             lambda config, seed: train_one(args, corpus, config, seed, args.out), "val_ppl")
     from .report import write_pretrain_report
 
     write_pretrain_report(args.out)

@@ -87,27 +87,23 @@ def plot_curves(out: str, key: str, ylabel: str, file: str, evals_key: str | Non
     plt.close(fig)
 
 
-def write_pretrain_report(out: str) -> dict:
-    metrics = ("final_train_loss", "val_loss", "val_ppl")
-    summary = summarize(out, metrics)
-    table = markdown_table(summary, metrics, {"final_train_loss": "train loss (last 50)", "val_loss": "val loss",
-                                              "val_ppl": "val PPL"})
+def write_report(out: str, labels: dict[str, str]) -> dict:
+    """summary.json, summary.md (mean ± std per config, vs its reference) and loss_curves.png."""
+    summary = summarize(out, tuple(labels))
+    table = markdown_table(summary, tuple(labels), labels)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
     plot_curves(out, "history", "train loss", "loss_curves.png", evals_key="evals")
     print(table)
     return summary
+
+
+def write_pretrain_report(out: str) -> dict:
+    return write_report(out, {"final_train_loss": "train loss (last 50)", "val_loss": "val loss", "val_ppl": "val PPL"})
 
 
 def write_lora_report(out: str) -> dict:
-    metrics = ("final_train_loss", "val_loss")
-    summary = summarize(out, metrics)
-    table = markdown_table(summary, metrics, {"final_train_loss": "train loss (last 10)", "val_loss": "val loss"})
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(table)
-    plot_curves(out, "history", "train loss", "loss_curves.png", evals_key="evals")
-    print(table)
-    return summary
+    return write_report(out, {"final_train_loss": "train loss (last 10)", "val_loss": "val loss"})
 
 
 def write_draft_report(out: str) -> dict:
