@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import random
+from itertools import islice
 
 import torch
 from tqdm.auto import tqdm
 
-from c2t_fast.data import iter_json_array, sharegpt_conversations
+from c2t_fast.data import sharegpt_conversations
 from c2t_fast.shipped import package_dir
 
 WIKI_FILE = os.path.join("data", "summaries_en-us.json")
@@ -36,14 +37,7 @@ def wiki_summaries() -> list[str]:
 
 def sharegpt_texts(n: int, skip: int = 6_000) -> list[str]:
     """Text of ``n`` conversations after the first ``skip`` (the draft head trains on the first ones)."""
-    out = []
-    for i, msgs in enumerate(sharegpt_conversations()):
-        if i < skip:
-            continue
-        out.append("\n".join(m["content"] for m in msgs))
-        if len(out) >= n:
-            break
-    return out
+    return ["\n".join(m["content"] for m in msgs) for msgs in islice(sharegpt_conversations(), skip, skip + n)]
 
 
 def load_tokenizer():

@@ -14,7 +14,9 @@ from the training ones. Resumable per run (JSON per finished run; checkpoints in
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+from itertools import islice
 
 import torch
 
@@ -29,11 +31,7 @@ def conversation_blocks(tokenizer, first: int, count: int, seq_len: int) -> torc
     from c2t_fast.data import sharegpt_conversations
 
     out = []
-    for i, msgs in enumerate(sharegpt_conversations()):
-        if i < first:
-            continue
-        if i >= first + count:
-            break
+    for msgs in islice(sharegpt_conversations(), first, first + count):
         ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
         if len(ids) > seq_len:
             out.append(torch.tensor(ids[: seq_len + 1]))
@@ -46,8 +44,6 @@ def lora_model(seed: int, rank: int):
     from c2t_fast.shipped import load_smollm2
 
     base, _ = load_smollm2()
-    import copy
-
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
