@@ -47,6 +47,8 @@ def _strategy(name: str, classifier_path, overrides: dict):
 
 
 def _add_strategy_flags(p):
+    p.add_argument("--draft-full-vocab", action="store_true",
+                   help="a head shipped with a restricted draft vocabulary drafts over all tokens instead")
     p.add_argument("--classifier", default=None, help="C2T classifier directory (default: the shipped one)")
     p.add_argument("--beta", type=float, default=None, help="C2T confidence threshold (default 0.5)")
     p.add_argument("--top-k-tree", type=int, default=None, help="K: children per node (c2t 15, eagle2 10)")
@@ -85,7 +87,7 @@ def _generate(args) -> int:
         print(tok.decode(new, skip_special_tokens=True))
         print(json.dumps({"strategy": "ar", "new_tokens": new.numel(), "tokens_per_s": round(new.numel() / dt, 2)}))
         return 0
-    draft = load_draft(args.draft, target)
+    draft = load_draft(args.draft, target, args.draft_full_vocab)
     gen = SpeculativeGenerator(target, draft, _strategy(args.strategy, args.classifier, _overrides(args)),
                                stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else ())
     from .engine import Metrics
@@ -156,7 +158,7 @@ def _bench(args) -> int:
 
     target, tok = load_target(args.target)
     names = args.strategies.split(",")
-    draft = load_draft(args.draft, target) if any(n not in BASELINES for n in names) else None
+    draft = load_draft(args.draft, target, args.draft_full_vocab) if any(n not in BASELINES for n in names) else None
     prompts = _read_prompts(args.prompts, args.limit)
     os.makedirs(args.out, exist_ok=True)
     stop = [tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else []
@@ -256,7 +258,7 @@ def _collect_trees(args) -> int:
     from .strategies import Eagle2
 
     target, tok = load_target(args.target)
-    draft = load_draft(args.draft, target)
+    draft = load_draft(args.draft, target, args.draft_full_vocab)
     k, depth = args.top_k_tree or 10, args.depth if args.depth is not None else 10
     total = 1 + k + depth * k * k  # the complete expanded tree: no rerank
     if (args.prompts is None) == (args.sharegpt is None):
@@ -294,7 +296,8 @@ def _train_draft(args) -> int:
     meta = cache_hidden_states(target, encode_conversations(tok, convs, args.max_len), cache, args.token_budget)
     print(f"cached {meta['tokens']} tokens of {meta['sequences']} conversations in {cache}")
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
-                           init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab)
+                           init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab,
+                           draft_vocab=not args.no_draft_vocab)
     report = train_draft(target, cache, args.out, cfg)
     last = report["history"][-1] if report["history"] else {}
     print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
@@ -363,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--target", default="smollm2")
     c.add_argument("--draft", default=None)
+    c.add_argument("--draft-full-vocab", action="store_true", help="draft over all tokens (see generate)")
     c.add_argument("--top-k-tree", type=int, default=None, help="default 10")
     c.add_argument("--depth", type=int, default=None, help="default 10 (d_max 11, 1011-node trees)")
     c.add_argument("--max-new-tokens", type=int, default=128)
@@ -380,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--weight-cls", type=float, default=0.1, help="weight of the token CE (EAGLE-1: 0.1)")
     d.add_argument("--loss-vocab", type=int, default=8192, help="token ids in the training CE (0: all)")
+    d.add_argument("--no-draft-vocab", action="store_true",
+                   help="do not restrict the head's inference vocabulary to the loss vocabulary")
     d.add_argument("--accumulate", type=int, default=4)
     d.add_argument("--save-every", type=int, default=50)
     d.add_argument("--warm-start", action="store_true", help="start the layer from the target's last layer")

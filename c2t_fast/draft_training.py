@@ -13,7 +13,9 @@ Choices made for a CPU budget (EAGLE trains from scratch on a GPU for far longer
   residual stream, not post-norm features, and at init it measured far worse (CE 164).
 - The classification loss runs over the ``loss_vocab`` most frequent token ids of the cached text
   (target and prediction both renormalised over them): the 49k-way LM head otherwise costs ~7x the
-  decoder layer per token. Validation always uses the full vocabulary.
+  decoder layer per token. The same ids are saved with the head as its draft vocabulary (FR-Spec style:
+  at inference the head scores only those rows of the LM head; ``draft_vocab=False`` keeps the whole
+  vocabulary). Validation reports top-1 agreement over the full vocabulary and over the draft vocabulary.
 - The learning rate warms up linearly, then decays on a cosine; a held-out slice of the cached sequences
   gives the validation top-1 agreement reported at the end.
 """
@@ -93,6 +95,7 @@ class DraftTrainConfig:
     fc_identity: bool = True  # fc starts as the projection onto the feature half
     val_fraction: float = 0.05  # cached sequences held out for the validation top-1
     loss_vocab: int = 8192  # token ids in the training CE (0: the full vocabulary)
+    draft_vocab: bool = True  # the head drafts over those ids only at inference (saved with it)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -133,17 +136,36 @@ def draft_losses(head: EagleDraftHead, ids: torch.Tensor, feats: torch.Tensor, w
 
 
 @torch.no_grad()
-def evaluate_draft(head: EagleDraftHead, data: list[dict]) -> dict:
-    """Token-weighted top-1 agreement with the target and token CE of the head on ``data``."""
+def evaluate_draft(head: EagleDraftHead, data: list[dict], vocab_ids: torch.Tensor | None = None) -> dict:
+    """Token-weighted top-1 agreement with the target and token CE of the head on ``data``, the head's
+    argmax taken over ``vocab_ids`` (a restricted draft vocabulary) or the whole vocabulary; the target's
+    token always over the whole vocabulary, so a restriction costs what it costs."""
     was_training = head.training
     head.eval()
     n = top1 = cls = 0.0
     for seq in data:
-        _, _, c, a = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), 0.0)
+        ids, feats = seq["ids"].long(), seq["hidden"].float()
+        if vocab_ids is None:
+            _, _, c, a = draft_losses(head, ids, feats, 0.0)
+        else:
+            c, a = _restricted_agreement(head, ids, feats, vocab_ids)
         k = seq["ids"].numel() - 1
         n, top1, cls = n + k, top1 + a.item() * k, cls + c.item() * k
     head.train(was_training)
     return {"top1": top1 / max(n, 1), "cls": cls / max(n, 1), "tokens": int(n)}
+
+
+def _restricted_agreement(head, ids, feats, vocab_ids):
+    """(soft CE over the draft vocabulary as in training, top-1 agreement with the target's full argmax)."""
+    pred = head.features_forward(ids[None, 1:], feats[None, :-1], torch.arange(ids.numel() - 1)[None], None)[0]
+    target = feats[1:]
+    truth = head.lm_head(target).argmax(-1)
+    w, b = head.lm_head.weight[vocab_ids], head.lm_head.bias
+    b = None if b is None else b[vocab_ids]
+    p_target = torch.softmax(torch.nn.functional.linear(target, w, b), -1)
+    logits = torch.nn.functional.linear(pred, w, b)
+    cls = -(p_target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    return cls, (vocab_ids[logits.argmax(-1)] == truth).float().mean()
 
 
 def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig | None = None,
@@ -177,7 +199,8 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     params = [p for n, p in head.named_parameters() if p.requires_grad and not n.startswith(("embed_tokens",
                                                                                               "lm_head"))]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    lm_weight = head.lm_head.weight.detach()[frequent_ids(data, cfg.loss_vocab)] if cfg.loss_vocab else None
+    loss_ids = frequent_ids(data, cfg.loss_vocab) if cfg.loss_vocab else None
+    lm_weight = head.lm_head.weight.detach()[loss_ids] if cfg.loss_vocab else None
     total_steps = cfg.epochs * math.ceil(len(data) / cfg.accumulate)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "checkpoint.pt")
@@ -230,10 +253,14 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
         state["index"] = 0
     bar.close()
     head.eval()
+    if loss_ids is not None and cfg.draft_vocab:
+        head.restrict_vocab(loss_ids)
     head.save_pretrained(out_dir)
     report = {"config": asdict(cfg), "sequences": len(data), "tokens": int(sum(s["ids"].numel() for s in data)),
               "steps": state["step"], "validation": evaluate_draft(head, val) if val else None,
               "history": state["history"]}
+    if val and head.vocab_ids is not None:
+        report["validation_draft_vocab"] = evaluate_draft(head, val, head.vocab_ids)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot(state["history"], os.path.join(out_dir, "training.png"))

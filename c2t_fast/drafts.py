@@ -10,6 +10,12 @@ Draft-side protocol for one speculative step (batch 1), in "slots" (entries of t
   nodes get the next n slots;
 - ``commit(tokens, features)``: drops the tree except the root, then appends the accepted nodes as
   ordinary context (for the head, each paired with the target feature of its predecessor).
+
+A draft with a restricted vocabulary (``vocab_ids`` not None, FR-Spec style) returns logits over those
+ids only: column j is token ``vocab_ids[j]``. Strategies map columns back to tokens
+(``TreeDrafter.token_of``). Verification is unchanged (the acceptance rules never read the draft's
+distribution), so a restricted draft is exactly as lossless as a full one; it only cannot propose
+tokens outside its vocabulary.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class Draft(nn.Module):
     """Common bookkeeping: stable length, tree slot count, the KV cache."""
 
     needs_features = False
+    vocab_ids: torch.Tensor | None = None  # restricted draft vocabulary (sorted token ids), None: all
 
     def __init__(self):
         super().__init__()
@@ -59,7 +66,9 @@ class Draft(nn.Module):
 class EagleDraftHead(Draft):
     """EAGLE-1/2 draft head: one decoder layer over fc([token embedding; feature]), sharing the target's
     embedding and LM head (not stored). Trained to predict the target's next (post-norm) hidden state;
-    ``lm_head(prediction)`` gives the draft's next-token logits."""
+    ``lm_head(prediction)`` gives the draft's next-token logits, over the whole vocabulary or, after
+    ``restrict_vocab(ids)``, over the rows ``ids`` of the LM head only (FR-Spec style: on a small target
+    the 49k-row LM head is most of a draft step's cost)."""
 
     needs_features = True
 
@@ -76,6 +85,8 @@ class EagleDraftHead(Draft):
         self.rotary = LlamaRotaryEmbedding(cfg)
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
+        self.vocab_ids = None
+        self._lm_rows = self._lm_bias = None  # lm_head rows of vocab_ids, refreshed by attach / restrict_vocab
         self._cache_kw = cache_kwarg(self.layer.forward)
 
     @staticmethod
@@ -98,7 +109,36 @@ class EagleDraftHead(Draft):
         """Share the target's (frozen) embedding and LM head."""
         self.embed_tokens = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
+        return self.restrict_vocab(self.vocab_ids)
+
+    def restrict_vocab(self, ids: torch.Tensor | None) -> "EagleDraftHead":
+        """Draft over the token ids ``ids`` only (int64 ``[n]``, sorted, unique, within the vocabulary);
+        ``None`` restores the full vocabulary. The LM head rows are copied once (the target's own head
+        stays shared and untouched)."""
+        if ids is None:
+            self.vocab_ids, self._lm_rows, self._lm_bias = None, None, None
+            return self
+        V = self.config.vocab_size
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() == 0:
+            raise ValueError(f"draft vocabulary must be a non-empty 1-D int64 tensor of token ids, got "
+                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        if int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {V}), got [{int(ids.min())}, {int(ids.max())}]")
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("draft vocabulary ids must be sorted and unique")
+        self.vocab_ids = ids.cpu()
+        if self.lm_head is not None:
+            w, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+            self._lm_rows = w.detach()[ids.to(w.device)].contiguous()
+            self._lm_bias = None if bias is None else bias.detach()[ids.to(w.device)].contiguous()
         return self
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        if self.vocab_ids is None:
+            return self.lm_head(out).float()
+        if self._lm_rows is None:
+            raise RuntimeError("the draft head is not attached to a target (call attach(target))")
+        return nn.functional.linear(out, self._lm_rows, self._lm_bias).float()
 
     def features_forward(self, tokens: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor,
                          mask: torch.Tensor | None, cache=None) -> torch.Tensor:
@@ -142,14 +182,14 @@ class EagleDraftHead(Draft):
         out = self._run(tok, feature.view(1, -1), vis)
         self._outputs = [out[0]]
         self.n_tree = 1
-        return self.lm_head(out)[0].float()
+        return self._logits(out)[0]
 
     def layer_logits(self, tokens: torch.Tensor, parent_slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         feats = torch.stack([self._outputs[int(p)] for p in parent_slots])
         out = self._run(tokens, feats, visible)
         self._outputs.extend(out.unbind(0))
         self.n_tree += tokens.numel()
-        return self.lm_head(out).float()
+        return self._logits(out)
 
     def commit(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
         """tokens: the accepted nodes a_1..a_tau; features: target features at root, a_1..a_{tau-1}."""
@@ -170,12 +210,16 @@ class EagleDraftHead(Draft):
         os.makedirs(path, exist_ok=True)
         state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
                  if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))}
+        if self.vocab_ids is not None:
+            state["vocab_ids"] = self.vocab_ids.contiguous()
         save_file(state, os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"draft_type": "eagle_head", "target_config": self.config.to_dict()}, f, indent=2, default=str)
 
     @classmethod
-    def from_pretrained(cls, path: str, target=None) -> "EagleDraftHead":
+    def from_pretrained(cls, path: str, target=None, full_vocab: bool = False) -> "EagleDraftHead":
+        """Load a saved head; a head saved with a restricted vocabulary drafts over it unless
+        ``full_vocab``."""
         from safetensors.torch import load_file
         from transformers import LlamaConfig
 
@@ -187,7 +231,9 @@ class EagleDraftHead(Draft):
         if raw.get("draft_type") != "eagle_head":
             raise ValueError(f"{cfg_file} does not describe an eagle_head draft")
         head = cls(LlamaConfig.from_dict(raw["target_config"]))
-        missing, unexpected = head.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+        state = load_file(os.path.join(path, "model.safetensors"))
+        vocab_ids = state.pop("vocab_ids", None)
+        missing, unexpected = head.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))]
         if bad or unexpected:
             raise ValueError(f"{path}: weights do not match the head (missing {bad}, unexpected {unexpected})")
@@ -197,6 +243,9 @@ class EagleDraftHead(Draft):
                 if getattr(tc, key) != getattr(head.config, key):
                     raise ValueError(f"the draft head at {path} was trained for a target with {key} "
                                      f"{getattr(head.config, key)}, this target has {getattr(tc, key)}")
+        if vocab_ids is not None and not full_vocab:
+            head.restrict_vocab(vocab_ids.long())
+        if target is not None:
             head.attach(target)
         return head.eval()
 

@@ -24,9 +24,10 @@ def load_target(spec: str = "smollm2", dtype: torch.dtype = torch.float32):
     return model, AutoTokenizer.from_pretrained(spec)
 
 
-def load_draft(spec: str | None, target):
+def load_draft(spec: str | None, target, full_vocab: bool = False):
     """A draft for ``target``: a directory written by EagleDraftHead.save_pretrained, a local HF causal LM
-    directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up)."""
+    directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up).
+    ``full_vocab``: a head saved with a restricted draft vocabulary drafts over the whole vocabulary."""
     from .drafts import DraftLM, EagleDraftHead
 
     if spec is None:
@@ -43,7 +44,7 @@ def load_draft(spec: str | None, target):
         raise FileNotFoundError(f"draft {spec!r}: no config.json")
     with open(cfg) as f:
         if json.load(f).get("draft_type") == "eagle_head":
-            return EagleDraftHead.from_pretrained(spec, target)
+            return EagleDraftHead.from_pretrained(spec, target, full_vocab=full_vocab)
     from transformers import AutoModelForCausalLM
 
     return DraftLM(AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa"))

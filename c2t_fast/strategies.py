@@ -9,7 +9,8 @@ tau and gamma compare on equal terms.
   ``depth`` iterations after the first layer, then rerank to the top ``total_tokens`` (root included).
 - ``C2T(classifier, beta, top_k, d_max, top_m, second_prune)``: the paper's Algorithm 1.
 
-A strategy reads the draft only through a ``TreeDrafter`` (tree arrays + the draft-side feeding).
+A strategy reads the draft only through a ``TreeDrafter`` (tree arrays + the draft-side feeding); draft
+logits columns become tokens through ``TreeDrafter.token_of`` (a restricted draft vocabulary).
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class TreeDrafter:
         self.anc = torch.ones(1, 1, dtype=torch.bool)  # [node, slot]: slot is the node or an ancestor
         self.entropy = torch.zeros(1)  # H of the distribution a node was drawn from (recording)
         self.record = record_features
+        self.vocab_ids = getattr(draft, "vocab_ids", None)
         self.root_logits = draft.root(root_token, root_feature).float()
+
+    def token_of(self, columns: torch.Tensor) -> torch.Tensor:
+        """Token ids of draft-logit columns (the identity unless the draft's vocabulary is restricted)."""
+        return columns if self.vocab_ids is None else self.vocab_ids[columns.cpu()]
 
     @property
     def size(self) -> int:
@@ -102,21 +108,24 @@ class Chain(Strategy):
         logits, parent = d.root_logits, 0
         for i in range(self.length):
             lp = torch.log_softmax(logits, -1)
-            tok = lp.argmax()
-            node = d.append(torch.tensor([parent]), tok.view(1), (d.logp[parent] + lp[tok]).view(1))
+            col = lp.argmax()
+            node = d.append(torch.tensor([parent]), d.token_of(col).view(1), (d.logp[parent] + lp[col]).view(1))
             if i + 1 < self.length:
                 logits, parent = d.expand(node)[0], int(node)
         return d.tree()
 
 
 class _ClassifierStrategy(Strategy):
-    def _score(self, logits: torch.Tensor, parent_logp: torch.Tensor, depth: int, k: int) -> ops.LayerScores:
-        """One layer of candidates: top-M of each row, then the fused scoring op."""
+    def _score(self, d: TreeDrafter, logits: torch.Tensor, parent_logp: torch.Tensor, depth: int,
+               k: int) -> ops.LayerScores:
+        """One layer of candidates: top-M of each row, then the fused scoring op (tokens mapped back
+        from draft-logit columns)."""
         if getattr(self, "_w", None) is None:
             self._w = self.classifier.kernel_weights()
         tv, ti = torch.topk(logits, min(self.top_m, logits.shape[-1]))
-        return ops.score_children(logits, tv, ti, parent_logp, depth, k, self._w, self.beta,
-                                  self.classifier.config.log_p)
+        s = ops.score_children(logits, tv, ti, parent_logp, depth, k, self._w, self.beta,
+                               self.classifier.config.log_p)
+        return s if d.vocab_ids is None else s._replace(tokens=d.token_of(s.tokens))
 
 
 @dataclass
@@ -134,7 +143,7 @@ class ChainC2T(_ClassifierStrategy):
     def build(self, d):
         logits, parent = d.root_logits, 0
         for depth in range(self.max_length):
-            s = self._score(logits.view(1, -1), d.logp[parent].view(1), depth, 1)
+            s = self._score(d, logits.view(1, -1), d.logp[parent].view(1), depth, 1)
             if not bool(s.keep[0, 0]):
                 break
             node = d.append(torch.tensor([parent]), s.tokens[0], s.child_logp[0], s.entropy)
@@ -165,7 +174,7 @@ class Static(Strategy):
                 lp = torch.log_softmax(logits_of[c[:-1]], -1)
                 top = torch.topk(lp, c[-1] + 1)
                 parent = node_of[c[:-1]]
-                node_of[c] = int(d.append(torch.tensor([parent]), top.indices[-1].view(1),
+                node_of[c] = int(d.append(torch.tensor([parent]), d.token_of(top.indices[-1]).view(1),
                                           (d.logp[parent] + top.values[-1]).view(1)))
             feed = [c for c in layer if any(len(x) == depth + 1 and x[:-1] == c for x in self._paths)]
             if feed:
@@ -190,7 +199,8 @@ class Eagle2(Strategy):
         lp = torch.log_softmax(d.root_logits, -1)
         top = torch.topk(lp, min(self.top_k, lp.numel()))
         ent = _entropy_topm(d.root_logits).expand(top.values.numel()) if d.record else None
-        frontier = d.append(torch.zeros(top.values.numel(), dtype=torch.int64), top.indices, top.values, ent)
+        frontier = d.append(torch.zeros(top.values.numel(), dtype=torch.int64), d.token_of(top.indices), top.values,
+                            ent)
         for _ in range(self.depth):
             logits = d.expand(frontier)
             lp = torch.log_softmax(logits, -1)
@@ -198,7 +208,7 @@ class Eagle2(Strategy):
             joint = d.logp[frontier][:, None] + top.values  # [K, K]
             parents = frontier[:, None].expand_as(joint).reshape(-1)
             ent = _entropy_topm(logits)[:, None].expand_as(joint).reshape(-1) if d.record else None
-            new = d.append(parents, top.indices.reshape(-1), joint.reshape(-1), ent)
+            new = d.append(parents, d.token_of(top.indices.reshape(-1)), joint.reshape(-1), ent)
             keep = torch.topk(joint.reshape(-1), min(self.top_k, joint.numel())).indices
             frontier = new[keep]
         self.full_tree = d.tree()
@@ -230,7 +240,7 @@ class C2T(_ClassifierStrategy):
         logits = d.root_logits.view(1, -1)
         for depth in range(self.d_max):
             k = min(self.top_k, logits.shape[-1])
-            s = self._score(logits, d.logp[frontier], depth, k)
+            s = self._score(d, logits, d.logp[frontier], depth, k)
             budget = cap - (d.size - 1)
             max_keep = min(self.top_k, budget) if self.second_prune else budget
             new_tree, new_nodes, sel = ops.prune_tree(

@@ -38,6 +38,10 @@ def test_shipped_head_is_the_default_and_agrees_with_the_target_on_unseen_text()
     top1 = evaluate_draft(head, data)["top1"]
     # an untrained head agrees on ~4% of tokens (fc = feature projection); the shipped one measured ~0.4
     assert top1 > 0.25, top1
+    # it drafts over its 8,192-id training vocabulary (FR-Spec style) and loses little agreement by it
+    assert head.vocab_ids is not None and head.vocab_ids.numel() == 8192
+    assert evaluate_draft(head, data, head.vocab_ids)["top1"] > top1 - 0.03
+    assert load_draft(None, model, full_vocab=True).vocab_ids is None
     assert report["validation"]["top1"] > 0.3
 
 

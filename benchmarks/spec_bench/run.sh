@@ -3,7 +3,8 @@
 # Resumable: a finished bench directory (summary.json present) is skipped.
 #   LIMIT=4 MAX_NEW=256 OUT=runs/spec_bench bash benchmarks/spec_bench/run.sh
 # LIMIT questions per set (first turns; all 80 when empty), MAX_NEW new tokens per answer, SETS which
-# sets (the MT-bench-only runs — no second pruning, feature ablation, temperature 1 — come with mt_bench).
+# sets (the MT-bench-only runs — no second pruning, feature ablation, temperature 1 — come with mt_bench
+# unless MT_EXTRAS=0). Extra flags for every c2t-fast bench call (e.g. --draft-full-vocab): BENCH_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SETS=${SETS:-"mt_bench humaneval alpaca sum"}
@@ -15,9 +16,11 @@ EAGLE_TOTALS=${EAGLE_TOTALS:-20,40,80}
 C2T_BETAS=${C2T_BETAS:-0.5,0.7,0.85,0.95}
 ABLATION_DIR=${ABLATION_DIR:-runs/classifier_ablation}
 TREES=${TREES:-runs/trees}
+MT_EXTRAS=${MT_EXTRAS:-1}
+BENCH_ARGS=${BENCH_ARGS:-}
 export HF_HUB_OFFLINE=1
 
-if [[ " $SETS " == *" mt_bench "* && -d "$TREES" ]]; then  # feature-ablation classifiers (seconds each)
+if [[ " $SETS " == *" mt_bench "* && $MT_EXTRAS == 1 && -d "$TREES" ]]; then  # feature-ablation classifiers (seconds each)
   for feats in P_H P_d H_d; do
     [[ -d "$ABLATION_DIR/$feats" ]] || c2t-fast train-classifier --data "$TREES" --val-fraction 0.2 --out "$ABLATION_DIR/$feats" \
       --features "${feats/_/,}"
@@ -27,7 +30,7 @@ fi
 bench() {  # name, extra args...
   local dir="$OUT/$1"; shift
   if [[ -f "$dir/summary.json" ]]; then echo "skip $dir (done)"; return; fi
-  c2t-fast bench --max-new-tokens "$MAX_NEW" $LIMIT_ARG --out "$dir" "$@"
+  c2t-fast bench --max-new-tokens "$MAX_NEW" $LIMIT_ARG $BENCH_ARGS --out "$dir" "$@"
 }
 
 for set in $SETS; do
@@ -36,7 +39,7 @@ for set in $SETS; do
   bench "$set/eagle2" --prompts "$q" --strategies eagle2 --top-k-tree 15 --depth 9 --sweep "total_tokens=$EAGLE_TOTALS"
   bench "$set/c2t" --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --sweep "beta=$C2T_BETAS"
 done
-if [[ " $SETS " == *" mt_bench "* ]]; then
+if [[ " $SETS " == *" mt_bench "* && $MT_EXTRAS == 1 ]]; then
 q="$DATA/mt_bench.jsonl"
 bench mt_bench/c2t_no_second_prune --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --no-second-prune \
   --sweep "beta=$C2T_BETAS"
