@@ -86,7 +86,9 @@ class EagleDraftHead(Draft):
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         self.vocab_ids = None
-        self._lm_rows = self._lm_bias = None  # lm_head rows of vocab_ids, refreshed by attach / restrict_vocab
+        # lm_head rows of vocab_ids (refreshed by attach / restrict_vocab); buffers so .to() moves them
+        self.register_buffer("_lm_rows", None, persistent=False)
+        self.register_buffer("_lm_bias", None, persistent=False)
         self._cache_kw = cache_kwarg(self.layer.forward)
 
     @staticmethod

@@ -163,3 +163,26 @@ def test_restricted_evaluation_over_the_whole_vocabulary_matches_the_full_one(tm
     assert full["cls"] == pytest.approx(everything["cls"], rel=1e-5)
     few = evaluate_draft(head, data, torch.arange(0, V, 5))  # most target tokens undraftable: top-1 falls
     assert few["top1"] < full["top1"] or full["top1"] == 0
+
+
+@pytest.mark.slow
+def test_sampling_with_a_restricted_draft_is_the_targets_distribution():
+    from scipy.stats import chisquare
+
+    V5, N = 5, 1500
+    target = tiny_causal_lm("llama", 4, 2, seed=3, vocab=V5)
+    torch.manual_seed(0)
+    head = EagleDraftHead(target.config).attach(target).eval().restrict_vocab(torch.tensor([0, 2, 4]))
+    prompt = torch.tensor([1, 2, 3])
+    gen = SpeculativeGenerator(target, head, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[])
+    with torch.no_grad():  # the exact joint law of the first two tokens at temperature 0.8
+        p1 = gen._probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
+        second = torch.stack([gen._probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 0,
+                                         1.0)[0] for a in range(V5)])
+    joint = (p1[:, None] * second).flatten().double()
+    counts = torch.zeros(V5 * V5, dtype=torch.float64)
+    for seed in range(N):
+        a, b = gen.generate(prompt, max_new_tokens=2, temperature=0.8, seed=seed).tokens[:2]
+        counts[a * V5 + b] += 1
+    assert chisquare(counts.numpy(), (joint / joint.sum() * N).numpy()).pvalue > 1e-3
+    assert counts.view(V5, V5)[[1, 3]].sum() > 0  # tokens the draft cannot propose are still emitted
