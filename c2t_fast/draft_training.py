@@ -120,9 +120,11 @@ def frequent_ids(data: list[dict], n: int) -> torch.Tensor:
 
 
 def draft_losses(head: EagleDraftHead, ids: torch.Tensor, feats: torch.Tensor, weight_cls: float,
-                 lm_weight: torch.Tensor | None = None):
+                 lm_weight: torch.Tensor | None = None, vocab_ids: torch.Tensor | None = None):
     """EAGLE-1 losses of one sequence: (total, regression, classification, top-1 agreement).
-    ``lm_weight``: rows of the LM head to score over (default: the whole head)."""
+    ``lm_weight``: rows of the LM head to score over (default: the whole head). ``vocab_ids``: the token
+    ids of those rows; given, top-1 agreement is with the target's argmax over the whole vocabulary (what
+    drafting over the rows can reach), otherwise over the same rows."""
     pred = head.features_forward(ids[None, 1:], feats[None, :-1], torch.arange(ids.numel() - 1)[None], None)[0]
     target = feats[1:]
     reg = torch.nn.functional.smooth_l1_loss(pred, target)
@@ -131,7 +133,11 @@ def draft_losses(head: EagleDraftHead, ids: torch.Tensor, feats: torch.Tensor, w
         p_target = torch.softmax(lm(target), -1)
     logits = lm(pred)
     cls = -(p_target * torch.log_softmax(logits, -1)).sum(-1).mean()
-    acc = (logits.argmax(-1) == p_target.argmax(-1)).float().mean()
+    if vocab_ids is None:
+        acc = (logits.argmax(-1) == p_target.argmax(-1)).float().mean()
+    else:
+        with torch.no_grad():
+            acc = (vocab_ids[logits.argmax(-1)] == head.lm_head(target).argmax(-1)).float().mean()
     return reg + weight_cls * cls, reg.detach(), cls.detach(), acc
 
 
@@ -142,30 +148,14 @@ def evaluate_draft(head: EagleDraftHead, data: list[dict], vocab_ids: torch.Tens
     token always over the whole vocabulary, so a restriction costs what it costs."""
     was_training = head.training
     head.eval()
+    rows = None if vocab_ids is None else head.lm_head.weight[vocab_ids]
     n = top1 = cls = 0.0
     for seq in data:
-        ids, feats = seq["ids"].long(), seq["hidden"].float()
-        if vocab_ids is None:
-            _, _, c, a = draft_losses(head, ids, feats, 0.0)
-        else:
-            c, a = _restricted_agreement(head, ids, feats, vocab_ids)
+        _, _, c, a = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), 0.0, rows, vocab_ids)
         k = seq["ids"].numel() - 1
         n, top1, cls = n + k, top1 + a.item() * k, cls + c.item() * k
     head.train(was_training)
     return {"top1": top1 / max(n, 1), "cls": cls / max(n, 1), "tokens": int(n)}
-
-
-def _restricted_agreement(head, ids, feats, vocab_ids):
-    """(soft CE over the draft vocabulary as in training, top-1 agreement with the target's full argmax)."""
-    pred = head.features_forward(ids[None, 1:], feats[None, :-1], torch.arange(ids.numel() - 1)[None], None)[0]
-    target = feats[1:]
-    truth = head.lm_head(target).argmax(-1)
-    w, b = head.lm_head.weight[vocab_ids], head.lm_head.bias
-    b = None if b is None else b[vocab_ids]
-    p_target = torch.softmax(torch.nn.functional.linear(target, w, b), -1)
-    logits = torch.nn.functional.linear(pred, w, b)
-    cls = -(p_target * torch.log_softmax(logits, -1)).sum(-1).mean()
-    return cls, (vocab_ids[logits.argmax(-1)] == truth).float().mean()
 
 
 def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig | None = None,

@@ -85,7 +85,6 @@ class EagleDraftHead(Draft):
         self.rotary = LlamaRotaryEmbedding(cfg)
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
-        self.vocab_ids = None
         # lm_head rows of vocab_ids (refreshed by attach / restrict_vocab); buffers so .to() moves them
         self.register_buffer("_lm_rows", None, persistent=False)
         self.register_buffer("_lm_bias", None, persistent=False)

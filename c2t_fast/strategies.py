@@ -125,7 +125,7 @@ class _ClassifierStrategy(Strategy):
         tv, ti = torch.topk(logits, min(self.top_m, logits.shape[-1]))
         s = ops.score_children(logits, tv, ti, parent_logp, depth, k, self._w, self.beta,
                                self.classifier.config.log_p)
-        return s if d.vocab_ids is None else s._replace(tokens=d.token_of(s.tokens))
+        return s._replace(tokens=d.token_of(s.tokens))
 
 
 @dataclass
