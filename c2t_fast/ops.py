@@ -157,6 +157,12 @@ def _as_parents(parents) -> torch.Tensor:
     p = torch.as_tensor(parents)
     if p.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"parents must be an integer tensor, got {p.dtype}")
+    if p.dtype == torch.int64 and p.numel():
+        lo, hi = torch.aminmax(p)
+        # int32 would wrap such values to small, valid-looking ids
+        if int(lo) < -(2 ** 31) or int(hi) >= 2 ** 31:
+            raise ValueError(f"parents holds {int(lo) if int(lo) < -(2 ** 31) else int(hi)}, outside int32; a "
+                             "parent index must be a node of the tree")
     return p.to(torch.int32)
 
 
@@ -234,12 +240,14 @@ def _check_tree_attention(q, k, v, bits, prefix_len: int) -> None:
     Bk, Hkv, S, Dk = k.shape
     if Bk != B or Dk != D:
         raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
-    if Hkv == 0 or Hq % Hkv:
+    if Hq < 1 or Hkv < 1:
+        raise ValueError(f"{op}: q has {Hq} heads and k/v {Hkv}; each needs at least one head")
+    if Hq % Hkv:
         raise ValueError(f"{op}: {Hq} query heads do not divide into {Hkv} KV heads")
     if not 1 <= T <= MAX_TREE_NODES:
         raise ValueError(f"{op}: T = {T} tree nodes is outside the supported 1..{MAX_TREE_NODES}")
-    if D > 256:
-        raise ValueError(f"{op}: head dim {D} > 256 is not supported")
+    if not 1 <= D <= 256:
+        raise ValueError(f"{op}: head dim {D} is outside the supported 1..256")
     if prefix_len < 0 or prefix_len + T != S:
         raise ValueError(f"{op}: k/v hold S = {S} positions but prefix_len + T = {prefix_len} + {T}; the "
                          "cache must end with the tree")
@@ -349,7 +357,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_b
     prefix key and tree key j iff bit j of row i is set. Returns ``[B, T, Hq, D]`` in q's dtype.
     """
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if q.dim() == 4 and q.shape[-1] > 0 else 1.0  # D = 0 is refused by the op
     return torch.ops.c2t_fast.tree_attention(q, k, v, ancestor_bits, int(prefix_len), float(scale))
 
 

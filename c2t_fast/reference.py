@@ -13,7 +13,7 @@ import torch
 def _check_parents(parents: torch.Tensor, op: str) -> None:
     T = parents.numel()
     if T < 1:
-        raise ValueError(f"{op}: the tree needs at least the root node")
+        raise ValueError(f"{op}: parents is empty; the tree needs at least the root node")
     p = parents.to(torch.int64).cpu()
     if p[0].item() != -1:
         raise ValueError(f"{op}: node 0 must be the root (parents[0] == -1), got parents[0] = {p[0].item()}")
@@ -32,6 +32,11 @@ def build_tree(parents: torch.Tensor, prefix_len: int):
     retrieve_indices int64[L, max_depth+1], leaves int64[L])."""
     _check_parents(parents, "build_tree")
     T = parents.numel()
+    if prefix_len < 0:
+        raise ValueError(f"build_tree: prefix_len must be >= 0, got {prefix_len}")
+    if prefix_len > 2 ** 63 - 1 - T:
+        raise ValueError(f"build_tree: prefix_len {prefix_len} is too large: positions prefix_len + depth (T = {T} "
+                         "nodes) would overflow int64")
     dev = parents.device
     p = parents.to(torch.int64)
     # Ancestor matrix by pointer doubling over the parent chain: anc[i, j] iff j is i or above i.
@@ -160,6 +165,14 @@ def verify_sample(tokens, parents, probs, uniforms):
     node try its children in index order, accept child x iff u[x] * mass < p(x); on rejection zero
     p(x) and renormalise (mass -= p(x)); the bonus token is drawn from the residual with u[0]."""
     _check_parents(parents, "verify_sample")
+    bad_u = ~((uniforms >= 0) & (uniforms < 1))
+    if bool(bad_u.any()):
+        i = int(bad_u.to(torch.int32).argmax())
+        raise ValueError(f"verify_sample: uniforms[{i}] = {float(uniforms[i])} is outside [0, 1)")
+    bad_rows = (~torch.isfinite(probs) | (probs < 0)).any(1) | (probs.to(torch.float64).sum(1) <= 0)
+    if bool(bad_rows.any()):
+        raise ValueError(f"verify_sample: probs[{int(bad_rows.to(torch.int32).argmax())}] is not a probability row "
+                         "(every entry must be finite and >= 0, and the row must have positive mass)")
     T = tokens.numel()
     plist = parents.tolist()
     tok = tokens.tolist()
@@ -200,7 +213,10 @@ def compact_kv(caches, prefix_len: int, accepted):
     acc = accepted.to(torch.int64)
     n = acc.numel()
     S = caches[0].shape[2]
-    if n and (acc.min() < 0 or prefix_len + acc.max() >= S or bool((acc[1:] <= acc[:-1]).any())):
+    if len({c.data_ptr() for c in caches}) != len(caches) or any(
+            c.stride(d) == 0 and c.shape[d] > 1 for c in caches for d in range(3)):
+        raise ValueError("compact_kv: caches must be separate tensors with no expanded (stride-0) dimension")
+    if n and (acc.min() < 0 or acc.max() >= S - prefix_len or bool((acc[1:] <= acc[:-1]).any())):
         raise ValueError("compact_kv: accepted must be strictly increasing tree slots inside the cache")
     src = acc + prefix_len
     for c in caches:

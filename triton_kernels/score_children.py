@@ -58,7 +58,7 @@ def _score_children_kernel(
     b1 = tl.load(B1 + offs_h, mask=h_ok, other=0.0)
     w2 = tl.load(W2 + offs_h, mask=h_ok, other=0.0)
     hidden = f0[:, None] * w_p[None, :] + (entropy * w_h + depth * w_d + b1)[None, :]
-    hidden = tl.maximum(hidden, 0.0)
+    hidden = tl.maximum(hidden, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     z = tl.sum(hidden * w2[None, :], 1) + tl.load(B2)
     conf = 1.0 / (1.0 + tl.exp(-z))
     out = row * K + offs_k

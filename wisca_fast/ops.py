@@ -76,6 +76,8 @@ def rescale_attention_(layers: list[AttentionTensors], num_heads: int, num_kv_he
                        pow2: bool = False, eps: float = 1e-12) -> torch.Tensor:
     """Rescale every layer in one call, in place. Returns the factors: float32 ``[L, 2]`` (s for Q/K,
     t for V/O) or ``[L, 2, num_kv_heads, head_dim]`` for ``granularity="channel"``."""
+    if not layers:
+        raise ValueError("rescale_attention_: layers is empty; pass one AttentionTensors per attention layer")
     w = [t for lay in layers for t in (lay.wq, lay.wk, lay.wv, lay.wo)]
     anchor = layers[0].wq
     has_bias = any(b is not None for lay in layers for b in (lay.bq, lay.bk, lay.bv))

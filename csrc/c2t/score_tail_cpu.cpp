@@ -32,7 +32,7 @@ void tail_rows(const scalar_t* tv, const int64_t* ti, const float* lse, const fl
         for (int64_t u = 0; u < H; ++u) {
           const float a = f0 * w1[3 * u] + static_cast<float>(h) * w1[3 * u + 1] +
                           static_cast<float>(depth) * w1[3 * u + 2] + b1[u];
-          if (a > 0) z += a * w2[u];
+          if (!(a <= 0)) z += a * w2[u];  // relu that keeps NaN (as torch.relu): NaN in, NaN confidence out
         }
         const float cf = 1.0f / (1.0f + std::exp(-z));
         conf[r * K + c] = cf;
@@ -44,11 +44,46 @@ void tail_rows(const scalar_t* tv, const int64_t* ti, const float* lse, const fl
   });
 }
 
-// Arguments are validated by the Python op (c2t_fast/ops.py) before this is called.
+// score_children (c2t_fast/ops.py) validates its own arguments before calling this, but the op is
+// registered and so callable by anyone: it checks everything it reads, in the same terms.
+void check_score_tail_args(const at::Tensor& top_values, const at::Tensor& top_indices, const at::Tensor& lse,
+                           const at::Tensor& parent_logp, int64_t k, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2) {
+  const char* op = "_score_tail";
+  TORCH_CHECK_VALUE(top_values.dim() == 2 && at::isFloatingType(top_values.scalar_type()), op,
+                    ": top_values must be floating [n, M], got ", top_values.scalar_type(), " ", top_values.sizes());
+  const int64_t n = top_values.size(0), M = top_values.size(1);
+  TORCH_CHECK_VALUE(top_indices.scalar_type() == at::kLong && top_indices.sizes() == top_values.sizes(), op,
+                    ": top_indices must be int64 of top_values' shape ", top_values.sizes(), ", got ",
+                    top_indices.scalar_type(), " ", top_indices.sizes());
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 1 && lse.size(0) == n, op,
+                    ": lse must be float32 [n] = [", n, "], got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(parent_logp.scalar_type()) && parent_logp.dim() == 1 &&
+                        parent_logp.size(0) == n,
+                    op, ": parent_logp must be floating [n] = [", n, "], got ", parent_logp.scalar_type(), " ",
+                    parent_logp.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= M, op, ": k = ", k, " must be in 1..M = ", M);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == 3 && w1.size(0) >= 1, op, ": w1 must be [h, 3], got ", w1.sizes());
+  const int64_t h = w1.size(0);
+  TORCH_CHECK_VALUE(b1.dim() == 1 && b1.size(0) == h, op, ": b1 must be [h] = [", h, "], got ", b1.sizes());
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == 1 && w2.size(1) == h, op, ": w2 must be [1, h] = [1, ", h,
+                    "], got ", w2.sizes());
+  TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == 1, op, ": b2 must be [1], got ", b2.sizes());
+  for (const at::Tensor* w : {&w1, &b1, &w2, &b2}) {
+    TORCH_CHECK_VALUE(w->scalar_type() == at::kFloat, op, ": the classifier weights must be float32, got ",
+                      w->scalar_type());
+  }
+  for (const at::Tensor* t : {&top_indices, &lse, &parent_logp, &w1, &b1, &w2, &b2}) {
+    TORCH_CHECK_VALUE(t->device() == top_values.device(), op, ": all inputs must be on ", top_values.device(),
+                      ", got one on ", t->device());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_tail_cpu(
     const at::Tensor& top_values, const at::Tensor& top_indices, const at::Tensor& lse,
     const at::Tensor& parent_logp, double depth, int64_t k, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, double beta, bool log_p) {
+  check_score_tail_args(top_values, top_indices, lse, parent_logp, k, w1, b1, w2, b2);
   const at::Tensor tv = top_values.contiguous(), ti = top_indices.contiguous(), l = lse.contiguous();
   const at::Tensor pl = parent_logp.contiguous().to(at::kFloat);
   const at::Tensor W1 = w1.contiguous(), B1 = b1.contiguous(), W2 = w2.contiguous();

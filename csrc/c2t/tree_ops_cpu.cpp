@@ -4,11 +4,13 @@
 #include "tree_ops.h"
 #include "tree_checks.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 namespace c2t_fast {
@@ -16,7 +18,7 @@ namespace c2t_fast {
 void check_parents(const at::Tensor& parents, const char* op) {
   const int32_t* p = parents.data_ptr<int32_t>();
   const int64_t T = parents.numel();
-  TORCH_CHECK_VALUE(T >= 1, op, ": the tree needs at least the root node");
+  TORCH_CHECK_VALUE(T >= 1, op, ": parents is empty; the tree needs at least the root node");
   if (p[0] != -1) fail_bad_parent(op, 0, p[0]);
   for (int64_t i = 1; i < T; ++i) {
     if (p[i] < 0 || p[i] >= i) fail_bad_parent(op, i, p[i]);
@@ -27,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tre
     const at::Tensor& parents_in, int64_t prefix_len) {
   const char* op = "build_tree";
   check_vec(parents_in, op, "parents", at::kInt);
-  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
+  check_prefix_len(prefix_len, parents_in.numel(), op);
   const at::Tensor parents = parents_in.contiguous();
   check_parents(parents, op);
   const int32_t* p = parents.data_ptr<int32_t>();
@@ -205,9 +207,11 @@ void argmax_rows(const at::Tensor& logits, int64_t* out) {
   for (int64_t i = 0; i < T; ++i) {
     const scalar_t* row = x + i * V;
     int64_t best = 0;
-    float bv = static_cast<float>(row[0]);
+    // Compared in the logits' own precision (double for fp64: fp32 would merge values 1e-12 apart).
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t bv = static_cast<acc_t>(row[0]);
     for (int64_t v = 1; v < V; ++v) {
-      const float xv = static_cast<float>(row[v]);
+      const acc_t xv = static_cast<acc_t>(row[v]);
       // Same convention as torch.argmax: first maximum wins, NaN counts as the maximum.
       if (!std::isnan(bv) && (xv > bv || std::isnan(xv))) {
         bv = xv;
@@ -331,6 +335,28 @@ int64_t residual_inverse_cdf(const scalar_t* row, int64_t V, const std::vector<d
   return last_pos >= 0 ? last_pos : 0;
 }
 
+// Index of the first row that is not a finite, non-negative measure with positive mass; -1 if none.
+template <typename scalar_t>
+int64_t first_bad_probs_row(const scalar_t* probs, int64_t T, int64_t V) {
+  std::vector<uint8_t> bad(T, 0);
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = probs + r * V;
+      double mass = 0.0;
+      bool ok = true;
+      for (int64_t j = 0; j < V; ++j) {
+        const double x = static_cast<double>(row[j]);
+        ok = ok && x >= 0.0 && x <= std::numeric_limits<double>::max();  // NaN and inf fail
+        mass += x;
+      }
+      bad[r] = !(ok && mass > 0.0);
+    }
+  });
+  for (int64_t r = 0; r < T; ++r)
+    if (bad[r]) return r;
+  return -1;
+}
+
 template <typename scalar_t>
 std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const int64_t* tok,
                                                       const scalar_t* probs, int64_t T, int64_t V,
@@ -393,8 +419,14 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& tokens_in
   }
   const at::Tensor probs = probs_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
+  const double* u = uniforms.data_ptr<double>();
+  for (int64_t i = 0; i < T; ++i) {
+    if (!(u[i] >= 0.0 && u[i] < 1.0)) fail_bad_uniform(op, i, u[i]);
+  }
   std::tuple<std::vector<int64_t>, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "verify_sample", [&] {
+    const int64_t bad = first_bad_probs_row(probs.data_ptr<scalar_t>(), T, V);
+    if (bad >= 0) fail_bad_probs_row(op, bad);
     res = sample_walk<scalar_t>(parents.data_ptr<int32_t>(), tok, probs.data_ptr<scalar_t>(), T, V,
                                 uniforms.data_ptr<double>());
   });
@@ -421,12 +453,14 @@ void check_compact_args(at::TensorList caches, int64_t prefix_len, const at::Ten
   }
   check_vec(accepted, op, "accepted", at::kLong);
   check_same_device(c0, accepted, op, "caches", "accepted");
+  check_caches_disjoint(caches, op);
   const int64_t S = c0.size(2);
   TORCH_CHECK_VALUE(prefix_len >= 0 && prefix_len <= S, op, ": prefix_len ", prefix_len,
                     " is outside the cache length ", S);
   const int64_t n = accepted.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(acc[i] >= 0 && prefix_len + acc[i] < S, op, ": accepted[", i, "] = ", acc[i],
+    // Written as acc < S - prefix_len: prefix_len + acc overflows for acc near 2^63.
+    TORCH_CHECK_VALUE(acc[i] >= 0 && acc[i] < S - prefix_len, op, ": accepted[", i, "] = ", acc[i],
                       " points outside the ", S - prefix_len, " tree slots after the prefix");
     TORCH_CHECK_VALUE(i == 0 || acc[i] > acc[i - 1], op,
                       ": accepted must be strictly increasing (a root-to-node path in topological "

@@ -51,11 +51,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tre
   const char* op = "build_tree";
   check_vec(parents_in, op, "parents", at::kInt);
   check_on_cuda(parents_in, op, "parents");
-  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
+  check_prefix_len(prefix_len, parents_in.numel(), op);
   const c10::cuda::CUDAGuard guard(parents_in.device());
   const at::Tensor parents = parents_in.contiguous();
   const int64_t T = parents.numel();
-  TORCH_CHECK_VALUE(T >= 1, op, ": the tree needs at least the root node");
+  TORCH_CHECK_VALUE(T >= 1, op, ": parents is empty; the tree needs at least the root node");
   const int64_t W = (T + 63) / 64;
   auto i32 = parents.options();
   auto i64 = parents.options().dtype(at::kLong);
@@ -174,6 +174,16 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cuda(const at::Tensor& tokens_i
   const at::Tensor tokens = tokens_in.contiguous(), parents = parents_in.contiguous();
   const at::Tensor probs = probs_in.stride(1) == 1 ? probs_in : probs_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
+  {  // contents: one host sync before the kernel (the op syncs on its result anyway)
+    const at::Tensor bad_u = ~((uniforms >= 0.0) & (uniforms < 1.0));
+    const at::Tensor bad_rows = (~at::isfinite(probs) | (probs < 0)).any(1) | (probs.sum(1, false, at::kDouble) <= 0);
+    const at::Tensor flags = at::stack({bad_u.any(), bad_rows.any()}).cpu();
+    if (flags[0].item<bool>()) {
+      const int64_t i = bad_u.to(at::kInt).argmax().item<int64_t>();
+      fail_bad_uniform(op, i, uniforms[i].item<double>());
+    }
+    if (flags[1].item<bool>()) fail_bad_probs_row(op, bad_rows.to(at::kInt).argmax().item<int64_t>());
+  }
   at::Tensor path = at::empty({T}, tokens.options()), out = at::empty({2}, tokens.options());
   at::Tensor rejected = at::empty({T}, tokens.options()), meta = at::zeros({4}, parents.options());
   check_cuda(cuda::verify_sample(tokens.data_ptr<int64_t>(), parents.data_ptr<int32_t>(),

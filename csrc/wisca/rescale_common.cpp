@@ -1,5 +1,8 @@
 // Argument checks and factor math of wisca_fast::rescale_attention_, shared by CPU and CUDA.
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 #include "rescale.h"
 
@@ -36,6 +39,33 @@ double make_factor(double num, double den, const RescaleArgs& a) {
   if (a.clamp_hi > 0) f = std::min(std::max(f, a.clamp_lo), a.clamp_hi);
   if (a.pow2) f = std::exp2(std::nearbyint(std::log2(f)));
   return f;
+}
+
+// Every tensor is scaled in place once, so no two may share memory (the same weight listed twice would
+// be scaled twice). All are contiguous (checked above), so two overlap iff their byte extents do.
+void check_disjoint(std::initializer_list<at::TensorList> lists) {
+  static const char* kList[5] = {"weights", "biases", "exp_avg", "exp_avg_sq", "shadows"};
+  struct Extent {
+    uintptr_t lo, hi;
+    int list;
+    size_t idx;
+  };
+  std::vector<Extent> ext;
+  int li = 0;
+  for (at::TensorList ts : lists) {
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (ts[i].numel() == 0) continue;
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(ts[i].data_ptr());
+      ext.push_back({lo, lo + static_cast<uintptr_t>(ts[i].numel() * ts[i].element_size()), li, i});
+    }
+    ++li;
+  }
+  std::sort(ext.begin(), ext.end(), [](const Extent& x, const Extent& y) { return x.lo < y.lo; });
+  for (size_t k = 1; k < ext.size(); ++k) {
+    const Extent &x = ext[k - 1], &y = ext[k];
+    TORCH_CHECK_VALUE(y.lo >= x.hi, kOp, ": ", kList[x.list], "[", x.idx, "] and ", kList[y.list], "[", y.idx,
+                      "] share memory; every tensor must be passed once and be its own storage region");
+  }
 }
 
 }  // namespace
@@ -121,6 +151,7 @@ RescaleArgs check_rescale_args(at::TensorList weights, at::TensorList biases, at
       }
     }
   }
+  check_disjoint({weights, biases, exp_avg, exp_avg_sq, shadows});
   return a;
 }
 
