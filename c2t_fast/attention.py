@@ -97,21 +97,88 @@ def check_supported(model) -> None:
                                   "tree queries would need a per-position window and the cache is a ring buffer")
 
 
+# The previous implementation is also kept on the model object (copied with it by copy.deepcopy, never
+# written by save_pretrained), so that a deep copy of a patched model can be re-patched, unpatched and run.
+_MODEL_ATTR = "_c2t_fast_base_attn_impl"
+_HOOK_ATTR = "_c2t_fast_tree_hook"
+
+
+def _remember(model, config, base: str) -> None:
+    if id(config) not in _BASE_IMPL:
+        _BASE_IMPL[id(config)] = base
+        weakref.finalize(config, _BASE_IMPL.pop, id(config), None)
+
+
+def _decoder(model):
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return dec if isinstance(dec, torch.nn.Module) else model
+
+
+def check_tree_call(model, args, kwargs) -> None:
+    """Validate a forward call's ``c2t_tree_bits`` against its input before the first layer runs (a
+    mismatch found inside attention would leave earlier layers' cache entries grown)."""
+    patched = model.config._attn_implementation == ATTN_NAME
+    base = getattr(model, _MODEL_ATTR, None)
+    if patched and base is not None:
+        _remember(model, model.config, base)  # a deep copy of a patched model: its config is new
+    bits = kwargs.get(TREE_KWARG)
+    if bits is None:
+        return
+    if not patched:
+        raise RuntimeError(f"{TREE_KWARG} was passed to a model that is not patched (c2t_fast.unpatch was called, "
+                           "or its attention implementation was changed); call c2t_fast.patch(model) first")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    x = ids if ids is not None else kwargs.get("inputs_embeds")
+    if x is None:
+        raise ValueError(f"a tree pass ({TREE_KWARG}=...) needs input_ids or inputs_embeds")
+    B, T = x.shape[0], x.shape[1]
+    W = (T + 63) // 64
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.int64 or bits.dim() not in (2, 3) or tuple(
+            bits.shape[-2:]) != (T, W) or (bits.dim() == 3 and bits.shape[0] != B):
+        got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
+        raise ValueError(f"{TREE_KWARG} must be int64 [T, {W}] or [B, T, {W}] for the {T} tree tokens of this call "
+                         f"(B = {B}); got {got}")
+    if bits.device != x.device:
+        raise ValueError(f"{TREE_KWARG} is on {bits.device} but the input is on {x.device}")
+
+
+def _install_tree_check(model) -> None:
+    dec = _decoder(model)
+    if getattr(dec, _HOOK_ATTR, None) is None:
+        # the decoder shares the model's config and carries _MODEL_ATTR, so it is all the check needs
+        handle = dec.register_forward_pre_hook(lambda mod, args, kwargs: check_tree_call(mod, args, kwargs),
+                                               with_kwargs=True)
+        setattr(dec, _HOOK_ATTR, handle)
+
+
 def patch(model):
     """Make ``model`` verify token trees. Returns the model.
 
     Afterwards ``model(input_ids=tree_tokens, position_ids=prefix_len + depth, cache=cache,
     c2t_tree_bits=ancestor_bits)`` runs one tree pass; any call without ``c2t_tree_bits`` is
-    computed exactly as before. ``unpatch(model)`` restores the previous implementation.
+    computed exactly as before. ``unpatch(model)`` restores the previous implementation. The tree
+    bits are checked against the input before any layer runs; after ``unpatch`` a call that still
+    passes them is refused rather than silently computed causally.
     """
     check_supported(model)
     config = model.config
     if config._attn_implementation == ATTN_NAME:
+        base = _BASE_IMPL.get(id(config), getattr(model, _MODEL_ATTR, None))
+        if base is None:
+            raise RuntimeError(f"the model's attention implementation is {ATTN_NAME!r} but c2t_fast.patch did not "
+                               "set it; set it back to 'sdpa' or 'eager' before patching")
+        _remember(model, config, base)
+        for m in (model, _decoder(model)):
+            setattr(m, _MODEL_ATTR, base)
+        _install_tree_check(model)
         return model
     _register()
-    _BASE_IMPL[id(config)] = config._attn_implementation
-    weakref.finalize(config, _BASE_IMPL.pop, id(config), None)
+    base = config._attn_implementation
+    _install_tree_check(model)
     model.set_attn_implementation(ATTN_NAME)
+    _remember(model, config, base)
+    for m in (model, _decoder(model)):
+        setattr(m, _MODEL_ATTR, base)
     return model
 
 
@@ -120,7 +187,12 @@ def unpatch(model):
     config = model.config
     if config._attn_implementation != ATTN_NAME:
         return model
-    model.set_attn_implementation(_BASE_IMPL.pop(id(config)))
+    base = _BASE_IMPL.get(id(config), getattr(model, _MODEL_ATTR, None))
+    if base is None:
+        raise RuntimeError(f"the model's attention implementation is {ATTN_NAME!r} but c2t_fast.patch did not set "
+                           "it, so the previous implementation is unknown")
+    model.set_attn_implementation(base)
+    _BASE_IMPL.pop(id(config), None)
     return model
 
 

@@ -106,12 +106,22 @@ def _generate(args) -> int:
 
 
 def _read_prompts(path: str, limit: int | None):
+    """(question_id, category, first turn) of each JSONL line (spec_bench's question format)."""
     prompts = []
     with open(path) as f:
-        for line in f:
-            if line.strip():
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 q = json.loads(line)
-                prompts.append((q.get("question_id", len(prompts)), q.get("category", ""), q["turns"][0]))
+            except ValueError as err:
+                raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
+            turns = q.get("turns") if isinstance(q, dict) else None
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                raise ValueError(f"{path}:{n}: expected an object with \"turns\": [\"<first user turn>\", ...]")
+            prompts.append((q.get("question_id", len(prompts)), q.get("category", ""), turns[0]))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (expected JSONL lines with \"turns\")")
     return prompts[:limit] if limit else prompts
 
 

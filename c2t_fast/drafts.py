@@ -45,6 +45,14 @@ def _tree_mask(n_stable: int, visible: torch.Tensor, dtype, device) -> torch.Ten
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def _target_vocab(target) -> int:
+    return target.get_output_embeddings().weight.shape[0]
+
+
+def _text_config(target):
+    return target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+
+
 class Draft(nn.Module):
     """Common bookkeeping: stable length, tree slot count, the KV cache."""
 
@@ -56,6 +64,32 @@ class Draft(nn.Module):
         self.cache = None
         self.n_stable = 0
         self.n_tree = 0
+
+    def _check_device(self, target) -> None:
+        """The tree is grown on the draft's device and verified on the target's: they must be one."""
+        dev = target.get_output_embeddings().weight.device
+        own = next((p for p in self.parameters() if p is not None), None)
+        if own is not None and own.device != dev:
+            raise ValueError(f"the draft is on {own.device} but the target on {dev}; move the draft with .to({dev!s})")
+
+    def vocab_ids_on(self, device) -> torch.Tensor | None:
+        """``vocab_ids`` on ``device`` (copied once per device and vocabulary, not per step)."""
+        if self.vocab_ids is None:
+            return None
+        cached = getattr(self, "_vocab_ids_cache", None)
+        if cached is None or cached[0] is not self.vocab_ids or cached[1].device != torch.device(device):
+            cached = (self.vocab_ids, self.vocab_ids.to(device))
+            self._vocab_ids_cache = cached
+        return cached[1]
+
+    def check_target(self, target) -> None:
+        """Raise ValueError naming the field when this draft cannot draft for ``target``."""
+        self._check_device(target)
+        vocab = _target_vocab(target)
+        mine = getattr(self, "vocab_size", vocab)
+        if mine != vocab:
+            raise ValueError(f"the draft's vocab_size {mine} differs from the target's ({vocab}); the draft must "
+                             "share the target's tokenizer")
 
     def _crop(self, length: int) -> None:
         cur = self.cache.get_seq_length()
@@ -105,6 +139,25 @@ class EagleDraftHead(Draft):
             cfg = LlamaConfig(**fields, num_hidden_layers=1)
         cfg._attn_implementation = "sdpa"
         return cfg
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def check_target(self, target, attached: bool = True) -> None:
+        """The head's widths must be the target's; with ``attached`` it must share the target's
+        embedding and LM head (``attach(target)``)."""
+        tc = _text_config(target)
+        if attached:
+            self._check_device(target)
+        for key in ("hidden_size", "vocab_size"):
+            if getattr(tc, key) != getattr(self.config, key):
+                raise ValueError(f"the draft was built for a target with {key} {getattr(self.config, key)}, this "
+                                 f"target has {getattr(tc, key)}")
+        if attached and (self.embed_tokens is not target.get_input_embeddings()
+                         or self.lm_head is not target.get_output_embeddings()):
+            raise ValueError("the draft head is not attached to this target (embed_tokens / lm_head are another "
+                             "model's or missing); call head.attach(target)")
 
     def attach(self, target) -> "EagleDraftHead":
         """Share the target's (frozen) embedding and LM head."""
@@ -227,23 +280,36 @@ class EagleDraftHead(Draft):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"no draft head at {path} (config.json missing)")
-        with open(cfg_file) as f:
-            raw = json.load(f)
-        if raw.get("draft_type") != "eagle_head":
+        try:
+            with open(cfg_file) as f:
+                raw = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{cfg_file} is not valid JSON ({err})") from None
+        if not isinstance(raw, dict) or raw.get("draft_type") != "eagle_head":
             raise ValueError(f"{cfg_file} does not describe an eagle_head draft")
-        head = cls(LlamaConfig.from_dict(raw["target_config"]))
-        state = load_file(os.path.join(path, "model.safetensors"))
+        if not isinstance(raw.get("target_config"), dict):
+            raise ValueError(f"{cfg_file}: no 'target_config' object (the widths of the target the head was trained for)")
+        try:
+            head = cls(LlamaConfig.from_dict(raw["target_config"]))
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{cfg_file}: 'target_config' is not a usable model config ({err})") from None
+        weights = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no draft head weights at {weights}")
+        try:
+            state = load_file(weights)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
         vocab_ids = state.pop("vocab_ids", None)
         missing, unexpected = head.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))]
         if bad or unexpected:
             raise ValueError(f"{path}: weights do not match the head (missing {bad}, unexpected {unexpected})")
         if target is not None:
-            tc = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-            for key in ("hidden_size", "vocab_size"):
-                if getattr(tc, key) != getattr(head.config, key):
-                    raise ValueError(f"the draft head at {path} was trained for a target with {key} "
-                                     f"{getattr(head.config, key)}, this target has {getattr(tc, key)}")
+            try:
+                head.check_target(target, attached=False)
+            except ValueError as err:
+                raise ValueError(f"the draft head at {path}: {err}") from None
         if vocab_ids is not None and not full_vocab:
             head.restrict_vocab(vocab_ids.long())
         if target is not None:

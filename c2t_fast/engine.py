@@ -7,6 +7,8 @@ verify -> compact_kv on the target cache (the draft re-feeds the accepted path) 
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -14,9 +16,14 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .attention import compact_dynamic_cache, patch
+from .attention import check_supported, compact_dynamic_cache, patch
 from .drafts import Draft, cache_kwarg
 from .strategies import Strategy, TreeDrafter
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
 @dataclass
@@ -75,20 +82,20 @@ class SpeculativeGenerator:
 
     def __init__(self, target, draft: Draft, strategy: Strategy, eos_token_id=None, stop_token_ids=(),
                  recorder=None):
-        patch(target)
+        # Everything is checked before the target is patched, so a refused construction changes nothing.
+        check_supported(target)
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a c2t_fast.strategies.Strategy, got {type(strategy).__name__}")
+        draft.check_target(target)
         self.target, self.draft, self.strategy, self.recorder = target, draft, strategy, recorder
         self.base = target.get_decoder() if hasattr(target, "get_decoder") else target.model
         self.lm_head = target.get_output_embeddings()
-        vocab = self.lm_head.weight.shape[0]
-        dvocab = getattr(draft, "vocab_size", vocab)
-        if dvocab != vocab:
-            raise ValueError(f"draft vocabulary ({dvocab}) differs from the target's ({vocab}); the draft must share "
-                             "the target's tokenizer")
         eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.stop = set(eos) | set(stop_token_ids)
         self._cache_kw = cache_kwarg(self.base.forward)
         self.max_positions = getattr(target.config, "max_position_embeddings", None)
+        patch(target)
 
     # -- target passes ---------------------------------------------------------------------------------
 
@@ -133,20 +140,33 @@ class SpeculativeGenerator:
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, tokenizer=None, metrics: Metrics | None = None
                ) -> Iterator[list[int]]:
-        """Yields the tokens each step emits (the first yield is the prefill's token)."""
+        """Yields the tokens each step emits (the first yield is the prefill's token).
+
+        Sampling (``temperature > 0``) draws from a generator seeded with ``seed``: the same seed gives
+        the same output; ``seed=None`` draws fresh randomness on every call."""
         if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] != 1:
             raise ValueError(f"batch size {prompt.shape[0]} > 1 is not supported: one tree per step (use batch 1)")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("top_k", top_k, 0)
+        if seed is not None:
+            _check_int("seed", seed, 0)
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         ids = self._encode(prompt, tokenizer)
-        if self.max_positions and ids.numel() + max_new_tokens + 256 > self.max_positions:
-            raise ValueError(f"prompt of {ids.numel()} tokens + {max_new_tokens} new tokens (+ a tree) exceeds the "
-                             f"target's context of {self.max_positions}")
+        D = self.strategy.max_tree_depth
+        # the last step's root sits at position prompt + max_new_tokens - 2 and its tree reaches D deeper
+        if self.max_positions and ids.numel() + max_new_tokens + D - 1 > self.max_positions:
+            raise ValueError(f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} + a tree of depth up "
+                             f"to {D} exceeds the target's context of {self.max_positions} positions")
         m = metrics if metrics is not None else Metrics()
         sample = temperature > 0
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()  # no seed: fresh randomness on every call
+        else:
+            gen.manual_seed(seed)
         device = self.lm_head.weight.device
         from transformers import DynamicCache
 
@@ -167,6 +187,11 @@ class SpeculativeGenerator:
             if root in self.stop or max_new_tokens == 1:
                 m.total_time = time.perf_counter() - t_start
                 return
+            # The tree lives on the target's device (TreeDrafter takes the draft's, checked equal at
+            # construction) and every tree op runs there. Host syncs per step: the sizes of prune_tree /
+            # rerank_tree outputs (C2T, EAGLE-2), the verdict (its kernels size the path on the host),
+            # the accepted tokens and bonus (.tolist()), and compact_kv's bounds check of the path.
+            # Uniforms are drawn on the CPU so a seed gives the same output on every device.
             while True:
                 t0 = time.perf_counter()
                 d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
@@ -174,16 +199,15 @@ class SpeculativeGenerator:
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 b = ops.build_tree(tree.parents, prefix)
-                hid, logits = self._target(tree.tokens[None].to(device), cache, b.position_ids[None].to(device),
-                                           b.ancestor_bits.to(device))
+                hid, logits = self._target(tree.tokens[None], cache, b.position_ids[None], b.ancestor_bits)
                 if sample:
-                    probs = self._probs(logits, temperature, top_k, top_p).cpu()
-                    u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen)
+                    probs = self._probs(logits, temperature, top_k, top_p)
+                    u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen).to(device)
                     verdict = ops.verify_sample(tree.tokens, tree.parents, probs, u)
                 else:
-                    verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.argmax(-1).cpu())
+                    verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.argmax(-1))
                 path = verdict.path
-                compact_dynamic_cache(cache, prefix, path.to(device))
+                compact_dynamic_cache(cache, prefix, path)
                 t2 = time.perf_counter()
                 accepted = tree.tokens[path[1:]]
                 emitted = accepted.tolist() + [int(verdict.bonus)]
@@ -202,8 +226,8 @@ class SpeculativeGenerator:
                 m.new_tokens += len(out)
                 done = len(out) < len(emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
                 if not done:
-                    self.draft.commit(accepted.to(device), hid[path[:-1].to(device)])
-                    root, root_feature = emitted[-1], hid[int(path[-1])]
+                    self.draft.commit(accepted, hid[path[:-1]])
+                    root, root_feature = emitted[-1], hid[path[-1]]
                 m.total_time = time.perf_counter() - t_start
                 yield out
                 if done:
@@ -216,8 +240,8 @@ class SpeculativeGenerator:
         label = torch.zeros(n, dtype=torch.uint8)
         sel = getattr(self.strategy, "selected", None)
         on_path = path if sel is None or full is None else sel[path]  # map pruned ids back to the full tree
-        label[on_path] = 1
-        self.recorder.add_tree(d.logp[1:].exp(), d.entropy[1:], d.depth[1:] - 1, label[1:])
+        label[on_path.cpu()] = 1
+        self.recorder.add_tree(d.logp[1:].exp().cpu(), d.entropy[1:].cpu(), d.depth[1:].cpu() - 1, label[1:])
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, tokenizer=None, baseline: bool = False) -> Generation:

@@ -42,9 +42,13 @@ def load_draft(spec: str | None, target, full_vocab: bool = False):
     cfg = os.path.join(spec, "config.json")
     if not os.path.isfile(cfg):
         raise FileNotFoundError(f"draft {spec!r}: no config.json")
-    with open(cfg) as f:
-        if json.load(f).get("draft_type") == "eagle_head":
-            return EagleDraftHead.from_pretrained(spec, target, full_vocab=full_vocab)
+    try:
+        with open(cfg) as f:
+            raw = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"draft {cfg} is not valid JSON ({err})") from None
+    if isinstance(raw, dict) and raw.get("draft_type") == "eagle_head":
+        return EagleDraftHead.from_pretrained(spec, target, full_vocab=full_vocab)
     from transformers import AutoModelForCausalLM
 
     return DraftLM(AutoModelForCausalLM.from_pretrained(spec, attn_implementation="sdpa"))

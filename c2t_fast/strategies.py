@@ -23,24 +23,33 @@ from . import ops
 
 
 class TreeDrafter:
-    """The growing tree of one step and the draft fed with it. Node 0 is the root."""
+    """The growing tree of one step and the draft fed with it. Node 0 is the root.
+
+    Every tensor of the tree lives on one device, ``self.device``: the device of the draft's logits.
+    On a GPU the tree is grown, scored, pruned and verified there (the tree ops' CUDA kernels); the
+    host reads only sizes (the data-dependent outputs of prune/rerank) and the accepted tokens."""
 
     def __init__(self, draft, root_token: int, root_feature, record_features: bool = False):
         self.draft = draft
-        self.tokens = torch.tensor([root_token], dtype=torch.int64)
-        self.parents = torch.tensor([-1], dtype=torch.int32)
-        self.logp = torch.zeros(1, dtype=torch.float32)
-        self.depth = torch.zeros(1, dtype=torch.int64)
-        self.slot = torch.tensor([0])  # draft slot of each node, -1 when not fed
-        self.anc = torch.ones(1, 1, dtype=torch.bool)  # [node, slot]: slot is the node or an ancestor
-        self.entropy = torch.zeros(1)  # H of the distribution a node was drawn from (recording)
-        self.record = record_features
-        self.vocab_ids = getattr(draft, "vocab_ids", None)
         self.root_logits = draft.root(root_token, root_feature).float()
+        dev = self.device = self.root_logits.device
+        self.tokens = torch.tensor([root_token], dtype=torch.int64, device=dev)
+        self.parents = torch.tensor([-1], dtype=torch.int32, device=dev)
+        self.logp = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.depth = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.int64, device=dev)  # draft slot of each node, -1 when not fed
+        self.anc = torch.ones(1, 1, dtype=torch.bool, device=dev)  # [node, slot]: slot is the node or an ancestor
+        self.entropy = torch.zeros(1, device=dev)  # H of the distribution a node was drawn from (recording)
+        self.record = record_features
+        self.vocab_ids = draft.vocab_ids_on(dev) if hasattr(draft, "vocab_ids_on") else None
 
     def token_of(self, columns: torch.Tensor) -> torch.Tensor:
         """Token ids of draft-logit columns (the identity unless the draft's vocabulary is restricted)."""
-        return columns if self.vocab_ids is None else self.vocab_ids[columns.cpu()]
+        return columns if self.vocab_ids is None else self.vocab_ids[columns]
+
+    def nodes(self, ids) -> torch.Tensor:
+        """int64 node ids on the tree's device (from Python ints)."""
+        return torch.as_tensor(ids, dtype=torch.int64, device=self.device).view(-1)
 
     @property
     def size(self) -> int:
@@ -52,16 +61,16 @@ class TreeDrafter:
     def append(self, parents: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
                entropy: torch.Tensor | None = None) -> torch.Tensor:
         """Add nodes (parents must be in the tree); returns their node ids."""
-        n = tokens.numel()
-        ids = torch.arange(self.size, self.size + n)
+        n, dev = tokens.numel(), self.device
+        ids = torch.arange(self.size, self.size + n, device=dev)
         parents = parents.to(torch.int64)
-        self.tokens = torch.cat([self.tokens, tokens.to(torch.int64).cpu()])
-        self.parents = torch.cat([self.parents, parents.to(torch.int32).cpu()])
-        self.logp = torch.cat([self.logp, logp.float().cpu()])
+        self.tokens = torch.cat([self.tokens, tokens.to(torch.int64)])
+        self.parents = torch.cat([self.parents, parents.to(torch.int32)])
+        self.logp = torch.cat([self.logp, logp.float()])
         self.depth = torch.cat([self.depth, self.depth[parents] + 1])
-        self.slot = torch.cat([self.slot, torch.full((n,), -1)])
+        self.slot = torch.cat([self.slot, torch.full((n,), -1, dtype=torch.int64, device=dev)])
         self.anc = torch.cat([self.anc, self.anc[parents]])
-        self.entropy = torch.cat([self.entropy, entropy.cpu() if entropy is not None else torch.zeros(n)])
+        self.entropy = torch.cat([self.entropy, entropy.float() if entropy is not None else torch.zeros(n, device=dev)])
         return ids
 
     def expand(self, nodes: torch.Tensor) -> torch.Tensor:
@@ -69,10 +78,10 @@ class TreeDrafter:
         nodes = nodes.to(torch.int64)
         n, n_slots = nodes.numel(), self.anc.shape[1]
         parent_slots = self.slot[self.parents[nodes].to(torch.int64)]
-        if (parent_slots < 0).any():
+        if bool((parent_slots < 0).any()):  # a host sync, the price of this check
             raise RuntimeError("a node was expanded before its parent")
-        new_slots = torch.arange(n_slots, n_slots + n)
-        self.anc = torch.cat([self.anc, torch.zeros(self.size, n, dtype=torch.bool)], 1)
+        new_slots = torch.arange(n_slots, n_slots + n, device=self.device)
+        self.anc = torch.cat([self.anc, torch.zeros(self.size, n, dtype=torch.bool, device=self.device)], 1)
         self.anc[nodes, new_slots] = True
         self.slot[nodes] = new_slots
         visible = self.anc[nodes]  # [n, n_slots + n]: ancestors' slots and its own
@@ -91,6 +100,16 @@ class Strategy:
     def build(self, d: TreeDrafter) -> ops.Tree:
         raise NotImplementedError
 
+    @property
+    def max_tree_nodes(self) -> int:
+        """The most nodes (root included) a tree of this strategy can have: one verification pass."""
+        raise NotImplementedError
+
+    @property
+    def max_tree_depth(self) -> int:
+        """The deepest node's depth (root 0): tree positions reach the root's position + this."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         return {"strategy": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
@@ -104,14 +123,22 @@ class Chain(Strategy):
         if self.length < 0:
             raise ValueError(f"chain length must be >= 0, got {self.length}")
 
+    @property
+    def max_tree_depth(self) -> int:
+        return self.length
+
+    @property
+    def max_tree_nodes(self) -> int:
+        return self.length + 1
+
     def build(self, d):
         logits, parent = d.root_logits, 0
         for i in range(self.length):
             lp = torch.log_softmax(logits, -1)
             col = lp.argmax()
-            node = d.append(torch.tensor([parent]), d.token_of(col).view(1), (d.logp[parent] + lp[col]).view(1))
+            node = d.append(d.nodes(parent), d.token_of(col).view(1), (d.logp[parent] + lp[col]).view(1))
             if i + 1 < self.length:
-                logits, parent = d.expand(node)[0], int(node)
+                logits, parent = d.expand(node)[0], d.size - 1  # the node just appended (no host sync)
         return d.tree()
 
 
@@ -120,8 +147,8 @@ class _ClassifierStrategy(Strategy):
                k: int) -> ops.LayerScores:
         """One layer of candidates: top-M of each row, then the fused scoring op (tokens mapped back
         from draft-logit columns)."""
-        if getattr(self, "_w", None) is None:
-            self._w = self.classifier.kernel_weights()
+        if getattr(self, "_w", None) is None or self._w[0].device != logits.device:
+            self._w = tuple(w.to(logits.device) for w in self.classifier.kernel_weights())
         tv, ti = torch.topk(logits, min(self.top_m, logits.shape[-1]))
         s = ops.score_children(logits, tv, ti, parent_logp, depth, k, self._w, self.beta,
                                self.classifier.config.log_p)
@@ -140,15 +167,23 @@ class ChainC2T(_ClassifierStrategy):
         if self.classifier is None or not 0 <= self.beta <= 1 or self.max_length < 1:
             raise ValueError("chain_c2t needs a classifier, beta in [0, 1] and max_length >= 1")
 
+    @property
+    def max_tree_depth(self) -> int:
+        return self.max_length
+
+    @property
+    def max_tree_nodes(self) -> int:
+        return self.max_length + 1
+
     def build(self, d):
         logits, parent = d.root_logits, 0
         for depth in range(self.max_length):
             s = self._score(d, logits.view(1, -1), d.logp[parent].view(1), depth, 1)
             if not bool(s.keep[0, 0]):
                 break
-            node = d.append(torch.tensor([parent]), s.tokens[0], s.child_logp[0], s.entropy)
+            node = d.append(d.nodes(parent), s.tokens[0], s.child_logp[0], s.entropy)
             if depth + 1 < self.max_length:
-                logits, parent = d.expand(node)[0], int(node)
+                logits, parent = d.expand(node)[0], d.size - 1  # the node just appended (no host sync)
         return d.tree()
 
 
@@ -164,6 +199,14 @@ class Static(Strategy):
                 raise ValueError(f"static tree choice {c} is empty, negative, or lacks its parent path")
         self._paths = sorted(paths, key=lambda c: (len(c), c))
 
+    @property
+    def max_tree_depth(self) -> int:
+        return max(len(c) for c in self._paths)
+
+    @property
+    def max_tree_nodes(self) -> int:
+        return len(self._paths) + 1
+
     def build(self, d):
         node_of = {(): 0}
         logits_of = {(): d.root_logits}
@@ -174,11 +217,12 @@ class Static(Strategy):
                 lp = torch.log_softmax(logits_of[c[:-1]], -1)
                 top = torch.topk(lp, c[-1] + 1)
                 parent = node_of[c[:-1]]
-                node_of[c] = int(d.append(torch.tensor([parent]), d.token_of(top.indices[-1]).view(1),
-                                          (d.logp[parent] + top.values[-1]).view(1)))
+                d.append(d.nodes(parent), d.token_of(top.indices[-1]).view(1),
+                         (d.logp[parent] + top.values[-1]).view(1))
+                node_of[c] = d.size - 1
             feed = [c for c in layer if any(len(x) == depth + 1 and x[:-1] == c for x in self._paths)]
             if feed:
-                out = d.expand(torch.tensor([node_of[c] for c in feed]))
+                out = d.expand(d.nodes([node_of[c] for c in feed]))
                 for c, row in zip(feed, out):
                     logits_of[c] = row
         return d.tree()
@@ -195,11 +239,19 @@ class Eagle2(Strategy):
         if self.top_k < 1 or self.depth < 0 or self.total_tokens < 1:
             raise ValueError("eagle2 needs top_k >= 1, depth >= 0, total_tokens >= 1")
 
+    @property
+    def max_tree_depth(self) -> int:
+        return self.depth + 1
+
+    @property
+    def max_tree_nodes(self) -> int:
+        return min(self.total_tokens, 1 + self.top_k + self.depth * self.top_k * self.top_k)
+
     def build(self, d):
         lp = torch.log_softmax(d.root_logits, -1)
         top = torch.topk(lp, min(self.top_k, lp.numel()))
         ent = _entropy_topm(d.root_logits).expand(top.values.numel()) if d.record else None
-        frontier = d.append(torch.zeros(top.values.numel(), dtype=torch.int64), d.token_of(top.indices), top.values,
+        frontier = d.append(d.nodes([0] * top.values.numel()), d.token_of(top.indices), top.values,
                             ent)
         for _ in range(self.depth):
             logits = d.expand(frontier)
@@ -234,9 +286,19 @@ class C2T(_ClassifierStrategy):
             raise ValueError(f"c2t needs beta in [0, 1], top_k >= 1, d_max >= 1, top_m >= top_k; got beta={self.beta}, "
                              f"top_k={self.top_k}, d_max={self.d_max}, top_m={self.top_m}")
 
+    @property
+    def max_tree_depth(self) -> int:
+        return self.d_max
+
+    @property
+    def max_tree_nodes(self) -> int:
+        cap = self.max_nodes or 2 * self.top_k * self.d_max
+        # the second pruning keeps at most top_k new nodes per layer
+        return min(cap, self.top_k * self.d_max if self.second_prune else cap) + 1
+
     def build(self, d):
         cap = self.max_nodes or 2 * self.top_k * self.d_max
-        frontier = torch.zeros(1, dtype=torch.int64)
+        frontier = d.nodes(0)
         logits = d.root_logits.view(1, -1)
         for depth in range(self.d_max):
             k = min(self.top_k, logits.shape[-1])

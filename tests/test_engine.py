@@ -152,8 +152,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="supports the model families"):
         SpeculativeGenerator(gpt2, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), Chain(2))
     gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), Chain(2))
-    with pytest.raises(ValueError, match="exceeds the target's context"):
-        gen.generate(torch.zeros(500, dtype=torch.int64), max_new_tokens=10)
+    with pytest.raises(ValueError, match="exceeds the target's context"):  # 505 + 10 + a chain of 2 > 512
+        gen.generate(torch.zeros(505, dtype=torch.int64), max_new_tokens=10)
     with pytest.raises(ValueError, match="batch size 2"):
         gen.generate(torch.zeros(2, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="temperature"):

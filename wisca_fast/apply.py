@@ -27,10 +27,24 @@ def _moments(optimizer, param):
     state = optimizer.state.get(param)
     if not state:
         return None
-    if "exp_avg" not in state or "exp_avg_sq" not in state:
-        raise ValueError(f"optimizer_state handling supports Adam-family state (exp_avg, exp_avg_sq); "
-                         f"{type(optimizer).__name__} holds {sorted(state)}")
-    return state["exp_avg"], state["exp_avg_sq"]
+    # AMSGrad's running maximum of v follows v ("reset" zeroes it too; "rescale" is refused up front)
+    return state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")
+
+
+def _check_optimizer(optimizer, optimizer_state: str) -> None:
+    """Refuse, before anything is scaled, an optimizer whose state cannot follow the transition."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") and optimizer_state == "rescale":
+            raise ValueError(f"optimizer_state='rescale' does not support AMSGrad ({type(optimizer).__name__} with "
+                             "amsgrad=True keeps max_exp_avg_sq, a running maximum that no per-element rescale "
+                             "keeps equal to the untransformed run); use optimizer_state='reset' or 'keep'")
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and ("exp_avg" not in state or "exp_avg_sq" not in state):
+                raise ValueError(f"optimizer_state handling supports Adam-family state (exp_avg, exp_avg_sq); "
+                                 f"{type(optimizer).__name__} holds {sorted(state)}")
 
 
 def _rows(t, rows):
@@ -53,6 +67,14 @@ def apply(model, optimizer=None, granularity: str = "tensor", norm: str = "l1", 
         raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
     if lora not in LORA_MODES:
         raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
+    # checked here as well as by the fused op: the LoRA / sharded path scales tensor by tensor
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+    if norm not in ("l1", "fro"):
+        raise ValueError(f"norm must be 'l1' or 'fro', got {norm!r}")
+    if clamp is not None and not (len(clamp) == 2 and 0 < clamp[0] <= clamp[1] < float("inf")):
+        raise ValueError(f"clamp must be (lo, hi) with 0 < lo <= hi < inf, got {clamp!r}")
+    _check_optimizer(optimizer, optimizer_state)
     spec = find_attention(model)
     qk = _qk_allowed(spec, qk)
     has_lora = any(p.lora for lay in spec.layers for p in (lay.q, lay.k, lay.v, lay.o))
@@ -99,9 +121,10 @@ def _apply_fused(spec, optimizer, granularity, norm, qk, vo, optimizer_state, cl
     factors = ops.rescale_attention_(layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, granularity, norm,
                                      spec.rope_interleaved, qk, vo, clamp, pow2)
     if optimizer_state == "reset":
-        for m, v in touched:
-            m.zero_()
-            v.zero_()
+        for moments in touched:
+            for t in moments:
+                if t is not None:
+                    t.zero_()
     return factors
 
 
@@ -168,8 +191,9 @@ def _scale_param(param, rows, mult, by_row, optimizer, optimizer_state):
     if mom is None:
         return
     if optimizer_state == "reset":
-        mom[0].zero_()
-        mom[1].zero_()
+        for t in mom:
+            if t is not None:
+                t.zero_()
     elif optimizer_state == "rescale":
         for s, p in ((mom[0], 1), (mom[1], 2)):
             sl = _local(s) if rows is None else _local(s)[rows]
