@@ -3,11 +3,14 @@ import os
 # Set before anything imports transformers or triton: tests never touch a hub, and Triton kernels
 # run through the interpreter on CPU-only machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run through the interpreter; with one they compile (decided by the
+# device, not by CUDA_VISIBLE_DEVICES, which a GPU machine need not set). Set before triton is imported.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_report_header(config):

@@ -8,7 +8,7 @@ of the op's arguments, and no input was modified.
 Run as a script so that a crash of the process (a segfault in a kernel) fails the calling test instead
 of killing the test runner:
 
-    python tests/fuzz_ops.py OP [--examples N] [--seed S]      # OP: one of FUZZERS, or "all"
+    python tests/fuzz_ops.py OP [--examples N] [--seed S] [--verbose]   # OP: one of FUZZERS, "cpu" or "all"
 
 It prints ``OP: N examples, E refused, R matched the reference`` per op.
 """
@@ -488,12 +488,13 @@ FUZZERS = {"build_tree": fuzz_build_tree, "prune_tree": fuzz_prune_tree, "rerank
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("op", choices=[*FUZZERS, "all"])
+    ap.add_argument("op", choices=[*FUZZERS, "all", "cpu"], help="one op, all of them, or all but the Triton ones")
     ap.add_argument("--examples", type=int, default=100)
     ap.add_argument("--verbose", action="store_true", help="also print the most common refusals")
     ap.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, printed on failure)")
     args = ap.parse_args(argv)
-    for name in FUZZERS if args.op == "all" else [args.op]:
+    names = {"all": list(FUZZERS), "cpu": [n for n in FUZZERS if not n.endswith("_triton")]}.get(args.op, [args.op])
+    for name in names:
         fn = settings(max_examples=args.examples, **SETTINGS)(FUZZERS[name])
         if args.seed is not None:
             fn = seed(args.seed)(fn)

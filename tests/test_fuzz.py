@@ -33,10 +33,12 @@ def _fuzz(op: str, examples: int) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("op", sorted(set(FUZZERS) - TRITON))
-def test_fuzz_op(op):
-    out = _fuzz(op, EXAMPLES)
-    assert f"{op}: " in out and " examples" in out, out
+def test_fuzz_every_cpu_op():
+    """One process for all of them (start-up dominates a bounded run); a crash still fails this test,
+    and the last op printed before it names the one that crashed."""
+    out = _fuzz("cpu", EXAMPLES)
+    for op in sorted(set(FUZZERS) - TRITON):
+        assert f"{op}: " in out, out
 
 
 @pytest.mark.fuzz

@@ -1,0 +1,50 @@
+"""The engine end to end on a real GPU (skipped without one; benchmarks/gpu/run.sh runs it): every
+strategy and draft on a tiny random Llama / Qwen2 on CUDA, the tree ops through their CUDA kernels,
+greedy output equal to the target's own generate(do_sample=False), sampling runs (seeded, repeatable)."""
+
+import pytest
+import torch
+
+from c2t_fast import ops
+from c2t_fast.classifier import C2TClassifier
+from c2t_fast.drafts import DraftLM, EagleDraftHead
+from c2t_fast.engine import SpeculativeGenerator
+from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static
+from support import tiny_causal_lm
+
+pytestmark = pytest.mark.gpu
+PROMPT = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(0))
+
+
+def _strategy(name):
+    torch.manual_seed(0)
+    clf = C2TClassifier()
+    return {"chain": Chain(4), "chain_c2t": ChainC2T(clf, beta=0.3, top_m=50), "static": Static(),
+            "eagle2": Eagle2(top_k=4, depth=3, total_tokens=20),
+            "c2t": C2T(clf, beta=0.3, top_k=4, d_max=4, top_m=50)}[name]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("draft_kind", ["head", "head_vocab", "lm", "self"])
+@pytest.mark.parametrize("strategy", ["chain", "chain_c2t", "static", "eagle2", "c2t"])
+def test_engine_on_cuda_is_lossless(family, draft_kind, strategy):
+    assert ops.cuda_kernels_compiled(), "build with C2T_FAST_CUDA=1: the tree ops must run their CUDA kernels"
+    target = tiny_causal_lm(family, 6, 2, seed=1).cuda()
+    if draft_kind.startswith("head"):
+        draft = EagleDraftHead(target.config).cuda().attach(target)
+        if draft_kind == "head_vocab":
+            draft.restrict_vocab(torch.arange(0, 97, 2))
+    else:
+        draft = DraftLM(tiny_causal_lm(family, 4 if draft_kind == "lm" else 6, 2, seed=2 if draft_kind == "lm" else 1)
+                        .cuda())
+    gen = SpeculativeGenerator(target, draft, _strategy(strategy), eos_token_id=[])
+    out = gen.generate(PROMPT, max_new_tokens=40)
+    ids = PROMPT.cuda()[None]
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
+                           eos_token_id=None, pad_token_id=0)[0, PROMPT.numel():].tolist()
+    assert out.tokens == want
+    if draft_kind == "self" and strategy in ("chain", "static"):
+        assert out.metrics.tau > 2
+    a = gen.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_p=0.9, seed=11).tokens
+    b = gen.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_p=0.9, seed=11).tokens
+    assert a == b and len(a) == 24 and all(0 <= t < 97 for t in a)
