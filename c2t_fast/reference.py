@@ -213,8 +213,9 @@ def compact_kv(caches, prefix_len: int, accepted):
     acc = accepted.to(torch.int64)
     n = acc.numel()
     S = caches[0].shape[2]
-    if len({c.data_ptr() for c in caches}) != len(caches) or any(
-            c.stride(d) == 0 and c.shape[d] > 1 for c in caches for d in range(3)):
+    filled = [c for c in caches if c.numel()]  # an empty tensor has no memory to share
+    if len({c.data_ptr() for c in filled}) != len(filled) or any(
+            c.stride(d) == 0 and c.shape[d] > 1 for c in filled for d in range(3)):
         raise ValueError("compact_kv: caches must be separate tensors with no expanded (stride-0) dimension")
     if n and (acc.min() < 0 or acc.max() >= S - prefix_len or bool((acc[1:] <= acc[:-1]).any())):
         raise ValueError("compact_kv: accepted must be strictly increasing tree slots inside the cache")

@@ -92,3 +92,15 @@ def tiny_extra_lm(family: str, seed: int = 0, vocab: int = 97):
                                       num_attention_heads=8, num_key_value_heads=2, pad_token_id=0)
         return transformers.Phi3ForCausalLM(cfg).eval()
     raise ValueError(family)
+
+
+def tiny_strategies(k: int = 4, depth: int = 3, total: int = 20) -> dict:
+    """Every strategy, sized for the tiny models (a fresh random classifier for the C2T ones)."""
+    from c2t_fast.classifier import C2TClassifier
+    from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static
+
+    torch.manual_seed(0)
+    clf = C2TClassifier()
+    return {"chain": Chain(k), "chain_c2t": ChainC2T(clf, beta=0.3, top_m=50), "static": Static(),
+            "eagle2": Eagle2(top_k=k, depth=depth, total_tokens=total),
+            "c2t": C2T(clf, beta=0.3, top_k=k, d_max=k, top_m=50)}

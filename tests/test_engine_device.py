@@ -7,22 +7,17 @@ import copy
 import pytest
 import torch
 
-from c2t_fast.classifier import C2TClassifier
 from c2t_fast.drafts import DraftLM, EagleDraftHead
 from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static
+from c2t_fast.strategies import Chain
 from device_check import DeviceMismatch, OnDevice, SimulatedCuda, to_simulated_cuda
-from support import tiny_causal_lm
+from support import tiny_causal_lm, tiny_strategies
 
 PROMPT = torch.randint(0, 97, (10,), generator=torch.Generator().manual_seed(3))
 
 
 def _strategy(name):
-    torch.manual_seed(0)
-    clf = C2TClassifier()
-    return {"chain": Chain(3), "chain_c2t": ChainC2T(clf, beta=0.3, top_m=50), "static": Static(),
-            "eagle2": Eagle2(top_k=3, depth=2, total_tokens=10),
-            "c2t": C2T(clf, beta=0.3, top_k=3, d_max=3, top_m=50)}[name]
+    return tiny_strategies(k=3, depth=2, total=10)[name]
 
 
 def _pair(draft_kind, vocab_restricted=False):

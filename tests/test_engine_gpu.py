@@ -6,22 +6,16 @@ import pytest
 import torch
 
 from c2t_fast import ops
-from c2t_fast.classifier import C2TClassifier
 from c2t_fast.drafts import DraftLM, EagleDraftHead
 from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static
-from support import tiny_causal_lm
+from support import tiny_causal_lm, tiny_strategies
 
 pytestmark = pytest.mark.gpu
 PROMPT = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(0))
 
 
 def _strategy(name):
-    torch.manual_seed(0)
-    clf = C2TClassifier()
-    return {"chain": Chain(4), "chain_c2t": ChainC2T(clf, beta=0.3, top_m=50), "static": Static(),
-            "eagle2": Eagle2(top_k=4, depth=3, total_tokens=20),
-            "c2t": C2T(clf, beta=0.3, top_k=4, d_max=4, top_m=50)}[name]
+    return tiny_strategies()[name]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
