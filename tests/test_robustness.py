@@ -466,3 +466,25 @@ def test_cli_user_errors_are_one_line_with_exit_status_2(tmp_path):
                        str(empty), "no prompts")
     _assert_user_error(_cli("generate", "--prompt", "hi", "--draft", str(trunc), "--max-new-tokens", "2",
                             "--no-baseline"), "target_config")
+
+
+def test_compact_dynamic_cache_and_patch_errors_leave_everything_as_it_was():
+    from c2t_fast.attention import compact_dynamic_cache
+
+    model = c2t_fast.patch(tiny_causal_lm("llama", 6, 2, seed=1))
+    cache = _prefilled(model, 9)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    for bad in (torch.tensor([0, 0]), torch.tensor([3, 1]), torch.tensor([0, 9]), torch.tensor([0, 2 ** 62]),
+                torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="accepted"):
+            compact_dynamic_cache(cache, 5, bad)
+        assert cache.get_seq_length() == 9
+        assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+                   for layer, (k, v) in zip(cache.layers, before))
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    impl = gpt2.config._attn_implementation
+    with pytest.raises(ValueError, match="supports the model families"):
+        c2t_fast.patch(gpt2)
+    assert gpt2.config._attn_implementation == impl and not hasattr(gpt2, "_c2t_fast_base_attn_impl")
