@@ -103,7 +103,7 @@ _MODEL_ATTR = "_c2t_fast_base_attn_impl"
 _HOOK_ATTR = "_c2t_fast_tree_hook"
 
 
-def _remember(model, config, base: str) -> None:
+def _remember(config, base: str) -> None:
     if id(config) not in _BASE_IMPL:
         _BASE_IMPL[id(config)] = base
         weakref.finalize(config, _BASE_IMPL.pop, id(config), None)
@@ -120,7 +120,7 @@ def check_tree_call(model, args, kwargs) -> None:
     patched = model.config._attn_implementation == ATTN_NAME
     base = getattr(model, _MODEL_ATTR, None)
     if patched and base is not None:
-        _remember(model, model.config, base)  # a deep copy of a patched model: its config is new
+        _remember(model.config, base)  # a deep copy of a patched model: its config is new
     bits = kwargs.get(TREE_KWARG)
     if bits is None:
         return
@@ -162,23 +162,19 @@ def patch(model):
     """
     check_supported(model)
     config = model.config
-    if config._attn_implementation == ATTN_NAME:
+    if config._attn_implementation == ATTN_NAME:  # patched already, or a deep copy of a patched model
         base = _BASE_IMPL.get(id(config), getattr(model, _MODEL_ATTR, None))
         if base is None:
             raise RuntimeError(f"the model's attention implementation is {ATTN_NAME!r} but c2t_fast.patch did not "
                                "set it; set it back to 'sdpa' or 'eager' before patching")
-        _remember(model, config, base)
-        for m in (model, _decoder(model)):
-            setattr(m, _MODEL_ATTR, base)
-        _install_tree_check(model)
-        return model
-    _register()
-    base = config._attn_implementation
-    _install_tree_check(model)
-    model.set_attn_implementation(ATTN_NAME)
-    _remember(model, config, base)
+    else:
+        _register()
+        base = config._attn_implementation
+        model.set_attn_implementation(ATTN_NAME)
+    _remember(config, base)
     for m in (model, _decoder(model)):
         setattr(m, _MODEL_ATTR, base)
+    _install_tree_check(model)
     return model
 
 
