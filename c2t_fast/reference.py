@@ -7,6 +7,8 @@ where the computation allows), not tuned.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -169,10 +171,6 @@ def verify_sample(tokens, parents, probs, uniforms):
     if bool(bad_u.any()):
         i = int(bad_u.to(torch.int32).argmax())
         raise ValueError(f"verify_sample: uniforms[{i}] = {float(uniforms[i])} is outside [0, 1)")
-    bad_rows = (~torch.isfinite(probs) | (probs < 0)).any(1) | (probs.to(torch.float64).sum(1) <= 0)
-    if bool(bad_rows.any()):
-        raise ValueError(f"verify_sample: probs[{int(bad_rows.to(torch.int32).argmax())}] is not a probability row "
-                         "(every entry must be finite and >= 0, and the row must have positive mass)")
     T = tokens.numel()
     plist = parents.tolist()
     tok = tokens.tolist()
@@ -185,6 +183,10 @@ def verify_sample(tokens, parents, probs, uniforms):
     while True:
         row = probs[cur].to(torch.float64).clone()
         mass = float(row.sum().item())
+        # rows the walk reads must be measures; rows it never reads cannot change the verdict
+        if not (math.isfinite(mass) and mass > 0 and bool((row >= 0).all())):
+            raise ValueError(f"verify_sample: probs[{cur}] is not a probability row (every entry must be finite "
+                             "and >= 0, and the row must have positive mass)")
         nxt = -1
         for c in kids[cur]:
             px = float(row[tok[c]].item())

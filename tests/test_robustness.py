@@ -122,6 +122,7 @@ def test_verify_sample_refuses_uniforms_outside_unit_interval(impl, u):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_verify_sample_refuses_rows_that_are_not_distributions(impl, bad, dtype):
     tokens, parents, probs, uniforms = _sample_case()
+    uniforms[1] = 0.0  # node 1 is accepted, so the walk reads row 1
     probs = probs.to(dtype)
     if bad == "nan":
         probs[1, 3] = float("nan")
@@ -134,6 +135,17 @@ def test_verify_sample_refuses_rows_that_are_not_distributions(impl, bad, dtype)
     fn = torch.ops.c2t_fast.verify_sample if impl == "op" else reference.verify_sample
     with pytest.raises(ValueError, match=r"probs\[1\]"):
         fn(tokens, parents, probs, uniforms)
+
+
+def test_verify_sample_ignores_rows_its_walk_never_reads_like_the_reference():
+    """Only the rows on the accepted path decide the verdict; the CPU kernel and the reference check
+    exactly those (a full scan of [T, V] cost 40x the walk on the CPU; the CUDA binding scans all)."""
+    tokens, parents, probs, uniforms = _sample_case()
+    uniforms[1:] = 0.999999  # every child rejected at the root: only row 0 is read
+    probs[2, 0] = float("nan")
+    got = torch.ops.c2t_fast.verify_sample(tokens, parents, probs, uniforms)
+    want = reference.verify_sample(tokens, parents, probs, uniforms)
+    assert got[0].tolist() == want[0].tolist() == [0] and int(got[1]) == int(want[1])
 
 
 def test_verify_sample_accepts_unnormalised_but_valid_rows_like_the_reference():

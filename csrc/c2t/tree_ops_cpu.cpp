@@ -272,14 +272,25 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens_in
 
 namespace {
 
-// Sum of row[lo, hi) in double with 8 independent accumulators (the adds pipeline and vectorise).
+// Sum of row[lo, hi) in double with 8 independent accumulators (the adds pipeline and vectorise), and
+// the smallest entry into `lowest` (a negative probability; NaN and inf show in the sum instead).
 template <typename scalar_t>
-double range_sum(const scalar_t* row, int64_t lo, int64_t hi) {
+double range_sum(const scalar_t* row, int64_t lo, int64_t hi, double& lowest) {
   double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t v = lo;
   for (; v + 8 <= hi; v += 8)
-    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(row[v + k]);
-  for (; v < hi; ++v) a[0] += static_cast<double>(row[v]);
+    for (int k = 0; k < 8; ++k) {
+      const double x = static_cast<double>(row[v + k]);
+      a[k] += x;
+      m[k] = x < m[k] ? x : m[k];
+    }
+  for (; v < hi; ++v) {
+    const double x = static_cast<double>(row[v]);
+    a[0] += x;
+    m[0] = x < m[0] ? x : m[0];
+  }
+  for (int k = 0; k < 8; ++k) lowest = m[k] < lowest ? m[k] : lowest;
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
@@ -293,12 +304,14 @@ constexpr int64_t kCdfBlock = 1024;
 template <typename scalar_t>
 double row_mass(const scalar_t* row, int64_t V, std::vector<double>& blocks) {
   blocks.clear();
-  double total = 0.0;
+  double total = 0.0, lowest = 0.0;
   for (int64_t lo = 0; lo < V; lo += kCdfBlock) {
-    blocks.push_back(range_sum(row, lo, std::min(V, lo + kCdfBlock)));
+    blocks.push_back(range_sum(row, lo, std::min(V, lo + kCdfBlock), lowest));
     total += blocks.back();
   }
-  return total;
+  // A row the walk reads must be a measure (finite, >= 0, positive mass): anything else gives a verdict
+  // that is not lossless. Rows the walk never reads cannot change the verdict and are not scanned.
+  return std::isfinite(total) && total > 0.0 && lowest >= 0.0 ? total : -1.0;
 }
 
 // Inverse CDF of `row` with the `rejected` tokens removed, at `target` (= u * residual mass).
@@ -335,28 +348,6 @@ int64_t residual_inverse_cdf(const scalar_t* row, int64_t V, const std::vector<d
   return last_pos >= 0 ? last_pos : 0;
 }
 
-// Index of the first row that is not a finite, non-negative measure with positive mass; -1 if none.
-template <typename scalar_t>
-int64_t first_bad_probs_row(const scalar_t* probs, int64_t T, int64_t V) {
-  std::vector<uint8_t> bad(T, 0);
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = probs + r * V;
-      double mass = 0.0;
-      bool ok = true;
-      for (int64_t j = 0; j < V; ++j) {
-        const double x = static_cast<double>(row[j]);
-        ok = ok && x >= 0.0 && x <= std::numeric_limits<double>::max();  // NaN and inf fail
-        mass += x;
-      }
-      bad[r] = !(ok && mass > 0.0);
-    }
-  });
-  for (int64_t r = 0; r < T; ++r)
-    if (bad[r]) return r;
-  return -1;
-}
-
 template <typename scalar_t>
 std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const int64_t* tok,
                                                       const scalar_t* probs, int64_t T, int64_t V,
@@ -376,6 +367,7 @@ std::tuple<std::vector<int64_t>, int64_t> sample_walk(const int32_t* p, const in
   while (true) {
     const scalar_t* row = probs + cur * V;
     mass = row_mass(row, V, blocks);
+    if (mass < 0.0) fail_bad_probs_row("verify_sample", cur);
     rejected.clear();
     int64_t next = -1;
     for (int64_t k = start[cur]; k < start[cur + 1]; ++k) {
@@ -425,8 +417,6 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& tokens_in
   }
   std::tuple<std::vector<int64_t>, int64_t> res;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "verify_sample", [&] {
-    const int64_t bad = first_bad_probs_row(probs.data_ptr<scalar_t>(), T, V);
-    if (bad >= 0) fail_bad_probs_row(op, bad);
     res = sample_walk<scalar_t>(parents.data_ptr<int32_t>(), tok, probs.data_ptr<scalar_t>(), T, V,
                                 uniforms.data_ptr<double>());
   });

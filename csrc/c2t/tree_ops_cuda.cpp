@@ -174,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cuda(const at::Tensor& tokens_i
   const at::Tensor tokens = tokens_in.contiguous(), parents = parents_in.contiguous();
   const at::Tensor probs = probs_in.stride(1) == 1 ? probs_in : probs_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
-  {  // contents: one host sync before the kernel (the op syncs on its result anyway)
+  {  // contents: one host sync before the kernel (the op syncs on its result anyway). Stricter than the
+     // CPU kernel, which checks only the rows its walk reads: here every row is checked, in one reduction.
     const at::Tensor bad_u = ~((uniforms >= 0.0) & (uniforms < 1.0));
     const at::Tensor bad_rows = (~at::isfinite(probs) | (probs < 0)).any(1) | (probs.sum(1, false, at::kDouble) <= 0);
     const at::Tensor flags = at::stack({bad_u.any(), bad_rows.any()}).cpu();
