@@ -1,14 +1,35 @@
-"""c2t_fast: lossless speculative decoding with classifier-pruned token trees (C2T, arXiv:2502.13652)."""
+"""c2t_fast: lossless speculative decoding with classifier-pruned token trees (C2T, arXiv:2502.13652).
 
-from . import ops
-from .attention import patch, unpatch
-from .engine import Metrics, SpeculativeGenerator
-from .ops import (Tree, TreeBuffers, Verdict, build_tree, compact_kv, prune_tree, rerank_tree, tree_attention,
-                  verify_greedy, verify_sample)
+Layout (each folder imports only the ones listed before it; docs/DESIGN.md):
+``kernels`` (the compiled/Triton ops door and their references) -> ``hf`` (everything transformers:
+the attention patch, the target adapter, model loading) -> ``decoding`` (tree, strategies, drafts,
+classifier, engine) -> ``training`` (draft head, classifier, their data) -> ``bench`` -> ``cli``.
+"""
+
+import sys as _sys
+
+from .decoding.classifier import C2TClassifier, ClassifierConfig
+from .decoding.drafts import DraftLM, DraftProtocol, EagleDraftHead
+from .decoding.engine import Generation, SpeculativeGenerator
+from .decoding.loading import load_classifier, load_draft
+from .decoding.metrics import Metrics
+from .decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static, Strategy, strategy_from_name
+from .hf.attention import compact_dynamic_cache, patch, unpatch
+from .hf.loading import load_target
+from .kernels import ops, reference
+from .kernels.ops import (Tree, TreeBuffers, Verdict, build_tree, compact_kv, prune_tree, rerank_tree, tree_attention,
+                          verify_greedy, verify_sample)
+
+# The ops door keeps its 0.1 import paths: `import c2t_fast.ops` / `from c2t_fast.reference import ...`.
+_sys.modules[__name__ + ".ops"] = ops
+_sys.modules[__name__ + ".reference"] = reference
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Metrics", "SpeculativeGenerator", "Tree", "TreeBuffers", "Verdict", "build_tree", "compact_kv", "ops", "patch", "prune_tree", "rerank_tree",
-    "tree_attention", "unpatch", "verify_greedy", "verify_sample",
+    "C2T", "C2TClassifier", "Chain", "ChainC2T", "ClassifierConfig", "DraftLM", "DraftProtocol", "Eagle2",
+    "EagleDraftHead", "Generation", "Metrics", "SpeculativeGenerator", "Static", "Strategy", "Tree", "TreeBuffers",
+    "Verdict", "build_tree", "compact_dynamic_cache", "compact_kv", "load_classifier", "load_draft", "load_target",
+    "ops", "patch", "prune_tree", "reference", "rerank_tree", "strategy_from_name", "tree_attention", "unpatch",
+    "verify_greedy", "verify_sample",
 ]

@@ -1,4 +1,5 @@
-"""The ``c2t-fast`` command line."""
+"""The ``c2t-fast`` command line: argument parsing; the work is done by the library (``bench``,
+``decoding``, ``training``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import sys
 
 
 def _train_classifier(args) -> int:
-    from .classifier import ClassifierConfig
-    from .classifier_training import TrainConfig, train_classifier
+    from .decoding.classifier import ClassifierConfig
+    from .training.classifier import TrainConfig, train_classifier
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, min_steps=args.min_steps,
                       neg_ratio=args.neg_ratio, neg_sampling=args.neg_sampling,
@@ -23,77 +24,71 @@ def _train_classifier(args) -> int:
     return 0
 
 
-STRATEGY_PARAMS = {  # CLI flag -> (strategy, parameter)
-    "beta": ("c2t", "chain_c2t"), "top_k_tree": ("c2t", "eagle2"), "d_max": ("c2t",), "top_m": ("c2t", "chain_c2t"),
-    "depth": ("eagle2",), "total_tokens": ("eagle2",), "length": ("chain",), "max_length": ("chain_c2t",),
-}
+# Strategy flags -> strategy parameters. The sampling flag --top-k is the target's, so the tree's K is
+# --top-k-tree; every other flag is the parameter's own name. Help texts read the defaults from the
+# strategy classes (decoding.strategies.strategy_parameters), never restate them.
+_TREE_FLAGS = {"beta": "C2T confidence threshold", "top_k": "K: children kept per node",
+               "d_max": "C2T maximum depth", "top_m": "entropy over the top-M logits",
+               "depth": "EAGLE-2 depth (d_max - 1)", "total_tokens": "EAGLE-2 tree size after rerank, root included",
+               "length": "chain length", "max_length": "chain_c2t maximum length"}
 
 
-def _strategy(name: str, classifier_path, overrides: dict):
-    from .loading import load_classifier
-    from .strategies import strategy_from_name
+def _flag_dest(param: str) -> str:
+    return "top_k_tree" if param == "top_k" else param
 
-    params = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if name not in STRATEGY_PARAMS.get(key, ()):
-            continue
-        params["top_k" if key == "top_k_tree" else key] = value
-    if name == "c2t" and "no_second_prune" in overrides and overrides["no_second_prune"]:
-        params["second_prune"] = False
-    clf = load_classifier(classifier_path) if name in ("c2t", "chain_c2t") else None
-    return strategy_from_name(name, classifier=clf, **params)
+
+def _defaults(param: str) -> str:
+    from .decoding.strategies import STRATEGIES, strategy_parameters
+
+    return ", ".join(f"{n} {strategy_parameters(n)[param]}" for n in STRATEGIES if param in strategy_parameters(n))
 
 
 def _add_strategy_flags(p):
     p.add_argument("--draft-full-vocab", action="store_true",
                    help="a head shipped with a restricted draft vocabulary drafts over all tokens instead")
     p.add_argument("--classifier", default=None, help="C2T classifier directory (default: the shipped one)")
-    p.add_argument("--beta", type=float, default=None, help="C2T confidence threshold (default 0.5)")
-    p.add_argument("--top-k-tree", type=int, default=None, help="K: children per node (c2t 15, eagle2 10)")
-    p.add_argument("--d-max", type=int, default=None, help="C2T maximum depth (default 10)")
-    p.add_argument("--top-m", type=int, default=None, help="C2T entropy top-M (default 1000)")
+    for param, what in _TREE_FLAGS.items():
+        flag = "--" + _flag_dest(param).replace("_", "-")
+        kind = float if param == "beta" else int
+        p.add_argument(flag, dest=_flag_dest(param), type=kind, default=None,
+                       help=f"{what} (default: {_defaults(param)})")
     p.add_argument("--no-second-prune", action="store_true", help="C2T without the top-K-by-confidence pruning")
-    p.add_argument("--depth", type=int, default=None, help="EAGLE-2 depth (d_max - 1, default 5)")
-    p.add_argument("--total-tokens", type=int, default=None, help="EAGLE-2 tree size incl. root (default 60)")
-    p.add_argument("--length", type=int, default=None, help="chain length (default 5)")
-    p.add_argument("--max-length", type=int, default=None, help="chain_c2t maximum length (default 10)")
 
 
-def _overrides(args) -> dict:
-    return {k: getattr(args, k, None) for k in (*STRATEGY_PARAMS, "no_second_prune")}
+def _strategy_params(args) -> dict:
+    params = {k: getattr(args, _flag_dest(k), None) for k in _TREE_FLAGS}
+    if getattr(args, "no_second_prune", False):
+        params["second_prune"] = False
+    return params
 
 
 def _generate(args) -> int:
-    import torch
+    import time
 
-    from .engine import SpeculativeGenerator
-    from .loading import load_draft, load_target
+    from .bench import make_strategy
+    from .decoding.engine import SpeculativeGenerator
+    from .decoding.loading import load_draft
+    from .decoding.metrics import Metrics
+    from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
+    from .hf.loading import load_target
 
     target, tok = load_target(args.target)
-    messages = [{"role": "user", "content": args.prompt}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"][0]
-    sample = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    ids = encode_chat(tok, args.prompt)
+    stop = chat_stop_ids(tok)
     if args.strategy == "ar":
-        import time
-
         t = time.perf_counter()
-        with torch.no_grad():
-            out = target.generate(ids[None], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                  temperature=args.temperature or None, top_p=args.top_p, top_k=args.top_k or None)
-        new = out[0, ids.numel():]
+        new = TargetAdapter(target).generate(ids, args.max_new_tokens, stop_ids=stop, temperature=args.temperature,
+                                             top_p=args.top_p, top_k=args.top_k)
         dt = time.perf_counter() - t
         print(tok.decode(new, skip_special_tokens=True))
         print(json.dumps({"strategy": "ar", "new_tokens": new.numel(), "tokens_per_s": round(new.numel() / dt, 2)}))
         return 0
     draft = load_draft(args.draft, target, args.draft_full_vocab)
-    gen = SpeculativeGenerator(target, draft, _strategy(args.strategy, args.classifier, _overrides(args)),
-                               stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else ())
-    from .engine import Metrics
-
+    strategy = make_strategy(args.strategy, args.classifier, _strategy_params(args))
+    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
     m, tokens = Metrics(), []
-    for chunk in gen.stream(ids, args.max_new_tokens, metrics=m, **sample):
+    for chunk in gen.stream(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, metrics=m):
         tokens += chunk
         print(tok.decode(chunk, skip_special_tokens=True), end="", flush=True)
     print()
@@ -105,200 +100,47 @@ def _generate(args) -> int:
     return 0
 
 
-def _read_prompts(path: str, limit: int | None):
-    """(question_id, category, first turn) of each JSONL line (spec_bench's question format)."""
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
-            turns = q.get("turns") if isinstance(q, dict) else None
-            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
-                raise ValueError(f"{path}:{n}: expected an object with \"turns\": [\"<first user turn>\", ...]")
-            prompts.append((q.get("question_id", len(prompts)), q.get("category", ""), turns[0]))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (expected JSONL lines with \"turns\")")
-    return prompts[:limit] if limit else prompts
-
-
-def _sweeps(values: list[str]) -> list[dict]:
-    """--sweep beta=0.3,0.5 --sweep total_tokens=20,40 -> per-strategy settings (each applies where valid)."""
-    out = [{}]
-    for spec in values or []:
-        key, _, vals = spec.partition("=")
-        key = key.replace("-", "_")
-        if key not in STRATEGY_PARAMS or not vals:
-            raise SystemExit(f"--sweep {spec!r}: expected NAME=v1,v2 with NAME in {sorted(STRATEGY_PARAMS)}")
-        parsed = [float(v) if key == "beta" else int(v) for v in vals.split(",")]
-        out = [{**o, key: v} for o in out for v in parsed]
-    return out
-
-
-BASELINES = ("ar", "prompt_lookup")  # bench rows that run the target's own generate()
-
-
-def _hf_generate(target, ids, name: str, args, stop) -> tuple[int, float]:
-    """(new tokens, seconds) of plain decoding ("ar") or transformers' prompt-lookup assisted decoding."""
-    import time
-
-    import torch
-
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, eos_token_id=stop or None,
-              pad_token_id=0, attention_mask=torch.ones_like(ids[None]))
-    if args.temperature > 0:
-        kw.update(temperature=args.temperature, top_p=1.0, top_k=None)
-    if name == "prompt_lookup":
-        kw["prompt_lookup_num_tokens"] = 10
-    with torch.no_grad():
-        t = time.perf_counter()
-        out = target.generate(ids[None], **kw)
-        return out.shape[1] - ids.numel(), time.perf_counter() - t
-
-
 def _bench(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
+    from .bench import BenchConfig, format_table, parse_sweeps, run_bench
 
-    from .engine import SpeculativeGenerator
-    from .loading import load_draft, load_target
-
-    target, tok = load_target(args.target)
-    names = args.strategies.split(",")
-    draft = load_draft(args.draft, target, args.draft_full_vocab) if any(n not in BASELINES for n in names) else None
-    prompts = _read_prompts(args.prompts, args.limit)
-    os.makedirs(args.out, exist_ok=True)
-    stop = [tok.convert_tokens_to_ids("<|im_end|>")] if args.target == "smollm2" else []
-    runs = []
-    for name in names:
-        seen = set()
-        for sweep in _sweeps(args.sweep) if name not in BASELINES else [{}]:
-            setting = {k: v for k, v in sweep.items() if name in STRATEGY_PARAMS[k]}
-            if tuple(sorted(setting.items())) in seen:
-                continue
-            seen.add(tuple(sorted(setting.items())))
-            runs.append((name, setting))
-    rows = []
-    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
-        for name, setting in tqdm(runs, desc="settings"):
-            if name not in BASELINES:
-                strategy = _strategy(name, args.classifier, {**_overrides(args), **setting})
-                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
-            tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0}
-            for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False)):
-                ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"][0]
-                if name in BASELINES:
-                    if args.temperature > 0:
-                        torch.manual_seed(args.seed + i)
-                    n, dt = _hf_generate(target, ids, name, args, stop)
-                    rec = {"strategy": name, "question_id": qid, "category": cat, "new_tokens": n,
-                           "total_time_s": round(dt, 4), "tokens_per_s": round(n / dt, 2)}
-                    tot["new_tokens"] += n
-                    tot["time"] += dt
-                else:
-                    out = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       seed=args.seed + i if args.temperature > 0 else None)
-                    m = out.metrics
-                    rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **m.summary()}
-                    for key, value in (("steps", m.steps), ("accepted", sum(m.accepted)), ("gamma", m.gamma),
-                                       ("new_tokens", m.new_tokens), ("time", m.total_time), ("draft", m.draft_time),
-                                       ("verify", m.verify_time)):
-                        tot[key] += value
-                f.write(json.dumps(rec) + "\n")
-            steps = max(1, tot["steps"])
-            rows.append({"strategy": name, "setting": setting,
-                         "tau": tot["accepted"] / steps if tot["steps"] else None,
-                         "accept_length": tot["new_tokens"] / steps if tot["steps"] else None,
-                         "gamma_per_step": tot["gamma"] / steps if tot["steps"] else None,
-                         "gamma": tot["gamma"], "new_tokens": tot["new_tokens"],
-                         "tokens_per_s": tot["new_tokens"] / max(tot["time"], 1e-9),
-                         "draft_time_s": tot["draft"], "verify_time_s": tot["verify"]})
-    ar = next((r["tokens_per_s"] for r in rows if r["strategy"] == "ar"), None)
-    for r in rows:
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar else None
-    meta = {"prompts": args.prompts, "questions": len(prompts), "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "draft": args.draft, "classifier": args.classifier,
-            "threads": torch.get_num_threads()}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| strategy | setting | tau | accept len | gamma/step | tokens/s | vs AR | draft s | verify s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['strategy']} | {r['setting'] or ''} | {fmt(r['tau'], '.3f')} | {fmt(r['accept_length'], '.3f')}"
-                     f" | {fmt(r['gamma_per_step'], '.1f')} | {r['tokens_per_s']:.2f} | {fmt(r['speedup_vs_ar'], '.2f')}"
-                     f" | {r['draft_time_s']:.1f} | {r['verify_time_s']:.1f} |")
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    _plot_tau_gamma([r for r in rows if r["tau"] is not None], os.path.join(args.out, "tau_gamma.png"),
-                    os.path.basename(args.prompts))
+    cfg = BenchConfig(prompts=args.prompts, out=args.out, strategies=tuple(args.strategies.split(",")),
+                      sweeps=parse_sweeps(args.sweep), params=_strategy_params(args), target=args.target,
+                      draft=args.draft, draft_full_vocab=args.draft_full_vocab, classifier=args.classifier,
+                      max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
+                      seed=args.seed)
+    print(format_table(run_bench(cfg)["rows"]))
     return 0
 
 
-def _plot_tau_gamma(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name in dict.fromkeys(r["strategy"] for r in rows):
-        pts = sorted((r["gamma_per_step"], r["tau"]) for r in rows if r["strategy"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.set(xlabel="gamma (draft tokens verified per step)", ylabel="tau (accepted draft tokens per step)",
-           title=f"tau-gamma: {title}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _collect_trees(args) -> int:
-    from tqdm.auto import tqdm
+    from .decoding.loading import load_draft
+    from .hf.loading import load_target
+    from .training.tree_dataset import collect_trees
 
-    from .classifier import TreeRecorder
-    from .engine import SpeculativeGenerator
-    from .loading import load_draft, load_target
-    from .strategies import Eagle2
-
-    target, tok = load_target(args.target)
-    draft = load_draft(args.draft, target, args.draft_full_vocab)
-    k, depth = args.top_k_tree or 10, args.depth if args.depth is not None else 10
-    total = 1 + k + depth * k * k  # the complete expanded tree: no rerank
     if (args.prompts is None) == (args.sharegpt is None):
         raise ValueError("collect-trees needs exactly one of --prompts FILE and --sharegpt START")
     if args.prompts is not None:
         with open(args.prompts) as f:
             texts = [json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip() for line in f
                      if line.strip()]
+        texts = texts[: args.limit] if args.limit else texts
     else:
-        from itertools import islice
+        from .training.sharegpt import first_turns
 
-        from .data import sharegpt_conversations
-
-        firsts = (msgs[0]["content"] for msgs in islice(sharegpt_conversations(), args.sharegpt, None))
-        texts = list(islice((t for t in firsts if len(t) <= 2000), args.limit or 100))  # long pastes: slow prefill
-    texts = texts[: args.limit] if args.limit else texts
-    with TreeRecorder(args.out, {"target": args.target, "draft": args.draft, "top_k": k, "depth": depth}) as rec:
-        gen = SpeculativeGenerator(target, draft, Eagle2(top_k=k, depth=depth, total_tokens=total), recorder=rec)
-        for text in tqdm(texts, desc="collect-trees"):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"][0]
-            gen.generate(ids, max_new_tokens=args.max_new_tokens)
-    print(f"wrote {rec.meta['rows']} rows from {rec.meta['trees']} trees ({rec.meta['positives']} accepted) to {args.out}")
+        texts = first_turns(args.sharegpt, args.limit or 100)
+    target, tok = load_target(args.target)
+    draft = load_draft(args.draft, target, args.draft_full_vocab)
+    meta = collect_trees(target, tok, draft, texts, args.out, top_k=args.top_k_tree or 10,
+                         depth=args.depth if args.depth is not None else 10, max_new_tokens=args.max_new_tokens,
+                         metadata={"target": args.target, "draft": args.draft})
+    print(f"wrote {meta['rows']} rows from {meta['trees']} trees ({meta['positives']} accepted) to {args.out}")
     return 0
 
 
 def _train_draft(args) -> int:
-    from .data import sharegpt_conversations
-    from .draft_training import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
-    from .loading import load_target
+    from .hf.loading import load_target
+    from .training.draft_head import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
+    from .training.sharegpt import sharegpt_conversations
 
     target, tok = load_target(args.target)
     cache = args.cache or os.path.join(args.out, "feature_cache")
@@ -316,6 +158,8 @@ def _train_draft(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .decoding.strategies import STRATEGIES
+
     p = argparse.ArgumentParser(prog="c2t-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", help="train the C2T classifier on a tree dataset")
@@ -339,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate with speculative decoding and print tau, gamma, speed")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--strategy", default="c2t", choices=["c2t", "chain_c2t", "eagle2", "chain", "static", "ar"])
+    g.add_argument("--strategy", default="c2t", choices=[*STRATEGIES, "ar"],
+                   help="a tree strategy, or ar: the target's own generate() (plain decoding)")
     g.add_argument("--target", default="smollm2", help="'smollm2' (shipped) or a local HF model directory")
     g.add_argument("--draft", default=None, help="draft head dir, HF model dir, or 'self' (default: shipped head)")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -354,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run strategies over an MT-bench style question file; tau-gamma table + plot")
     b.add_argument("--prompts", required=True, help="question.jsonl (first turn of each question)")
     b.add_argument("--strategies", default="c2t,eagle2",
-                   help="comma-separated: c2t, chain_c2t, eagle2, chain, static, and the baselines ar (plain "
-                        "decoding) and prompt_lookup (transformers' prompt-lookup assisted generation)")
-    b.add_argument("--sweep", action="append", help="NAME=v1,v2 (beta, total_tokens, depth, ...); repeatable")
+                   help=f"comma-separated: {', '.join(STRATEGIES)}, and the baselines ar (plain decoding) and "
+                        "prompt_lookup (transformers' prompt-lookup assisted generation)")
+    b.add_argument("--sweep", action="append",
+                   help="NAME=v1,v2 with NAME any numeric strategy parameter (beta, top_k, d_max, depth, total_tokens, "
+                        "length, ...; each applies to the strategies that take it); repeatable")
     b.add_argument("--target", default="smollm2")
     b.add_argument("--draft", default=None)
     b.add_argument("--max-new-tokens", type=int, default=256)

@@ -14,7 +14,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 
 def pytest_report_header(config):
-    from c2t_fast.shipped import MissingModelPackage, smollm2_dir
+    from c2t_fast.hf.shipped import MissingModelPackage, smollm2_dir
 
     try:
         return f"default target: {smollm2_dir()}"

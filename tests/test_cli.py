@@ -24,7 +24,7 @@ def test_generate_runs_on_the_shipped_defaults(capsys):
 
 
 def test_generate_with_a_draft_for_another_target_says_so(tmp_path, capsys):
-    from c2t_fast.drafts import EagleDraftHead
+    from c2t_fast.decoding.drafts import EagleDraftHead
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -51,15 +51,22 @@ def test_bench_writes_results_table_and_plot(tmp_path, capsys):
     assert (out / "tau_gamma.png").stat().st_size > 0 and "| chain |" in (out / "summary.md").read_text()
 
 
-def test_bad_sweep_is_rejected():
+def test_bad_sweep_is_rejected(capsys):
     import pytest
 
-    with pytest.raises(SystemExit, match="expected NAME=v1,v2"):
-        cli._sweeps(["nonsense"])
+    from c2t_fast.bench import parse_sweeps
+
+    with pytest.raises(ValueError, match="expected NAME=v1,v2"):
+        parse_sweeps(["nonsense"])
+    with pytest.raises(ValueError, match="beta takes float values"):
+        parse_sweeps(["beta=high"])
+    assert parse_sweeps(["top_k_tree=2,3", "beta=0.5"]) == [{"top_k": 2, "beta": 0.5}, {"top_k": 3, "beta": 0.5}]
+    assert cli.main(["bench", "--prompts", "x.jsonl", "--out", "y", "--sweep", "nonsense"]) == 2
+    assert "expected NAME=v1,v2" in capsys.readouterr().err
 
 
 def test_collect_trees_records_full_trees(tmp_path, capsys):
-    from c2t_fast.classifier import open_tree_dataset
+    from c2t_fast.training.tree_dataset import open_tree_dataset
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Tell me a joke.\nName a color.\n")
@@ -71,7 +78,7 @@ def test_collect_trees_records_full_trees(tmp_path, capsys):
 
 
 def test_collect_trees_from_sharegpt_needs_exactly_one_source(tmp_path, capsys):
-    from c2t_fast.classifier import open_tree_dataset
+    from c2t_fast.training.tree_dataset import open_tree_dataset
 
     out = tmp_path / "trees"
     assert cli.main(["collect-trees", "--sharegpt", "9000", "--limit", "1", "--out", str(out), "--draft", "self",

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from c2t_fast.data import iter_json_array
-from c2t_fast.draft_training import DraftTrainConfig, cache_hidden_states, train_draft
-from c2t_fast.drafts import EagleDraftHead
+from c2t_fast.training.sharegpt import iter_json_array
+from c2t_fast.training.draft_head import DraftTrainConfig, cache_hidden_states, train_draft
+from c2t_fast.decoding.drafts import EagleDraftHead
 from support import tiny_causal_lm
 
 
@@ -49,7 +49,7 @@ def test_training_resumes_from_a_checkpoint(tmp_path):
     cfg = DraftTrainConfig(epochs=1, accumulate=2, save_every=2)
     full = train_draft(target, cache, str(tmp_path / "full"), cfg, progress=False)
     # simulate an interrupted run: keep the checkpoint written after step 2, then resume
-    import c2t_fast.draft_training as dt
+    import c2t_fast.training.draft_head as dt
 
     real_save = torch.save
     calls = {"n": 0}

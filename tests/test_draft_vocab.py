@@ -6,11 +6,13 @@ save/load and training, and malformed vocabularies are refused."""
 import pytest
 import torch
 
-from c2t_fast.classifier import C2TClassifier
-from c2t_fast.draft_training import DraftTrainConfig, cache_hidden_states, evaluate_draft, train_draft
-from c2t_fast.drafts import EagleDraftHead
-from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static, TreeDrafter
+from c2t_fast.decoding.classifier import C2TClassifier
+from c2t_fast.training.draft_head import DraftTrainConfig, cache_hidden_states, evaluate_draft, train_draft
+from c2t_fast.decoding.drafts import EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.hf.adapter import sampling_probs
+from c2t_fast.decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static
+from c2t_fast.decoding.tree import TreeDrafter
 from support import tiny_causal_lm
 
 V = 97
@@ -153,7 +155,7 @@ def test_restricted_evaluation_over_the_whole_vocabulary_matches_the_full_one(tm
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     cache = str(tmp_path / "cache")
     cache_hidden_states(target, _sequences(4, torch.Generator().manual_seed(1)), cache, 96, progress=False)
-    from c2t_fast.draft_training import _load_shards
+    from c2t_fast.training.draft_head import _load_shards
 
     data = _load_shards(cache)
     head = _head(target)
@@ -176,8 +178,8 @@ def test_sampling_with_a_restricted_draft_is_the_targets_distribution():
     prompt = torch.tensor([1, 2, 3])
     gen = SpeculativeGenerator(target, head, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[])
     with torch.no_grad():  # the exact joint law of the first two tokens at temperature 0.8
-        p1 = gen._probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
-        second = torch.stack([gen._probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 0,
+        p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
+        second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 0,
                                          1.0)[0] for a in range(V5)])
     joint = (p1[:, None] * second).flatten().double()
     counts = torch.zeros(V5 * V5, dtype=torch.float64)

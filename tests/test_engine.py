@@ -9,10 +9,12 @@ import transformers
 from scipy.stats import chisquare
 
 from c2t_fast import ops
-from c2t_fast.classifier import C2TClassifier, TreeRecorder, open_tree_dataset
-from c2t_fast.drafts import DraftLM, EagleDraftHead
-from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.strategies import C2T, Chain, ChainC2T, Eagle2, Static
+from c2t_fast.decoding.classifier import C2TClassifier
+from c2t_fast.training.tree_dataset import TreeRecorder, open_tree_dataset
+from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.hf.adapter import sampling_probs
+from c2t_fast.decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static
 from support import tiny_causal_lm
 
 PROMPT = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(0))
@@ -119,8 +121,8 @@ def test_sampling_is_lossless_and_a_broken_rule_is_caught(monkeypatch):
     prompt = torch.tensor([1, 2, 3])
     gen = SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[])
     with torch.no_grad():  # exact joint law of the first two tokens at temperature 0.8, top-k 4
-        p1 = gen._probs(target(prompt[None]).logits[0, -1], 0.8, 4, 1.0)[0]
-        seconds = torch.stack([gen._probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 4,
+        p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 4, 1.0)[0]
+        seconds = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 4,
                                           1.0)[0] for a in range(V)])
     joint = (p1[:, None] * seconds).flatten().double().numpy()
 
@@ -138,7 +140,7 @@ def test_sampling_is_lossless_and_a_broken_rule_is_caught(monkeypatch):
         path = torch.tensor([0, int(kids[0])]) if kids.numel() else torch.tensor([0])
         return ops.Verdict(path, torch.multinomial(probs[int(path[-1])].float(), 1)[0])
 
-    import c2t_fast.engine as engine
+    import c2t_fast.decoding.engine as engine
 
     monkeypatch.setattr(engine.ops, "verify_sample", always_first_child)
     assert pvalue() < 1e-6

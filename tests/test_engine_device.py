@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from c2t_fast.drafts import DraftLM, EagleDraftHead
-from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.strategies import Chain
+from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.decoding.strategies import Chain
 from device_check import DeviceMismatch, OnDevice, SimulatedCuda, to_simulated_cuda
 from support import tiny_causal_lm, tiny_strategies
 

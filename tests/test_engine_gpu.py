@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from c2t_fast import ops
-from c2t_fast.drafts import DraftLM, EagleDraftHead
-from c2t_fast.engine import SpeculativeGenerator
+from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
 from support import tiny_causal_lm, tiny_strategies
 
 pytestmark = pytest.mark.gpu

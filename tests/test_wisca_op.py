@@ -274,3 +274,22 @@ def test_cuda_kernel_matches_reference(flags):
         lay.exp_avg, lay.exp_avg_sq, lay.shadows = {}, {}, {}
     twice = [wops.rescale_attention_(_clone(again), 8, 2, 16, **flags) for _ in range(2)]
     assert torch.equal(twice[0], twice[1])  # deterministic
+
+
+def test_op_lists_layout_round_trips():
+    """layout.OpLists is the one statement of the op's 4L/3L/7L/4L lists: packing per-layer tensors and
+    reading a layer back gives the same tensors, absent entries stay absent."""
+    from wisca_fast.layout import MOMENTS, OpLists
+
+    layers = _layers(3, 8, 2, 4, 16, bias=True, state=True)
+    layers[1].bk = None
+    for lay, key in ((layers[1], "bk"), (layers[2], "v")):
+        lay.exp_avg.pop(key), lay.exp_avg_sq.pop(key)
+    lists = OpLists.pack(layers)
+    assert (len(lists.weights), len(lists.biases), len(lists.exp_avg), len(lists.shadows)) == (12, 9, 21, 0)
+    for l, lay in enumerate(layers):
+        back = lists.layer(l)
+        assert all(a is b for a, b in zip(back.weights, lay.weights))
+        assert all((a is None and b is None) or a is b for a, b in zip(back.biases, lay.biases))
+        assert set(back.exp_avg) == set(lay.exp_avg) and all(back.exp_avg[k] is lay.exp_avg[k] for k in lay.exp_avg)
+        assert set(back.exp_avg) <= set(MOMENTS) and not back.shadows

@@ -6,45 +6,18 @@ import logging
 
 import torch
 
-from . import ops, reference
+from . import factors, moments, ops
 from .models import AttentionSpec, find_attention
 
 log = logging.getLogger("wisca_fast")
 _warned_qk_norm = False
 
-OPTIMIZER_STATES = ("rescale", "keep", "reset")
+OPTIMIZER_STATES = moments.OPTIMIZER_STATES
 LORA_MODES = ("effective", "adapter")
 
 
 def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
-
-
-def _moments(optimizer, param):
-    """(exp_avg, exp_avg_sq) of ``param`` in an Adam-family optimizer, or None before its first step."""
-    if optimizer is None:
-        return None
-    state = optimizer.state.get(param)
-    if not state:
-        return None
-    # AMSGrad's running maximum of v follows v ("reset" zeroes it too; "rescale" is refused up front)
-    return state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")
-
-
-def _check_optimizer(optimizer, optimizer_state: str) -> None:
-    """Refuse, before anything is scaled, an optimizer whose state cannot follow the transition."""
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        if group.get("amsgrad") and optimizer_state == "rescale":
-            raise ValueError(f"optimizer_state='rescale' does not support AMSGrad ({type(optimizer).__name__} with "
-                             "amsgrad=True keeps max_exp_avg_sq, a running maximum that no per-element rescale "
-                             "keeps equal to the untransformed run); use optimizer_state='reset' or 'keep'")
-        for param in group["params"]:
-            state = optimizer.state.get(param)
-            if state and ("exp_avg" not in state or "exp_avg_sq" not in state):
-                raise ValueError(f"optimizer_state handling supports Adam-family state (exp_avg, exp_avg_sq); "
-                                 f"{type(optimizer).__name__} holds {sorted(state)}")
 
 
 def _rows(t, rows):
@@ -63,8 +36,6 @@ def apply(model, optimizer=None, granularity: str = "tensor", norm: str = "l1", 
     adapters whose B is still zero). Works under DDP (identical factors on every rank) and FSDP2
     (partial norms of DTensor shards are all-reduced before scaling).
     """
-    if optimizer_state not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
     if lora not in LORA_MODES:
         raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
     # checked here as well as by the fused op: the LoRA / sharded path scales tensor by tensor
@@ -74,7 +45,7 @@ def apply(model, optimizer=None, granularity: str = "tensor", norm: str = "l1", 
         raise ValueError(f"norm must be 'l1' or 'fro', got {norm!r}")
     if clamp is not None and not (len(clamp) == 2 and 0 < clamp[0] <= clamp[1] < float("inf")):
         raise ValueError(f"clamp must be (lo, hi) with 0 < lo <= hi < inf, got {clamp!r}")
-    _check_optimizer(optimizer, optimizer_state)
+    moments.check_optimizer(optimizer, optimizer_state)
     spec = find_attention(model)
     qk = _qk_allowed(spec, qk)
     has_lora = any(p.lora for lay in spec.layers for p in (lay.q, lay.k, lay.v, lay.o))
@@ -110,7 +81,7 @@ def _apply_fused(spec, optimizer, granularity, norm, qk, vo, optimizer_state, cl
             for pkey, param in ((key, proj.linear.weight), ("b" + key, proj.linear.bias)):
                 if param is None or pkey == "bo":
                     continue
-                mom = _moments(optimizer, param)
+                mom = moments.adam_moments(optimizer, param)
                 if mom is None:
                     continue
                 touched.append(mom)
@@ -118,14 +89,12 @@ def _apply_fused(spec, optimizer, granularity, norm, qk, vo, optimizer_state, cl
                     rows = proj.rows
                     t.exp_avg[pkey], t.exp_avg_sq[pkey] = _rows(mom[0], rows), _rows(mom[1], rows)
         layers.append(t)
-    factors = ops.rescale_attention_(layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, granularity, norm,
-                                     spec.rope_interleaved, qk, vo, clamp, pow2)
+    out = ops.rescale_attention_(layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, granularity, norm,
+                                 spec.rope_interleaved, qk, vo, clamp, pow2)
     if optimizer_state == "reset":
-        for moments in touched:
-            for t in moments:
-                if t is not None:
-                    t.zero_()
-    return factors
+        for mom in touched:
+            moments.reset(mom)
+    return out
 
 
 # --- LoRA and sharded (DTensor) weights: same math, in torch ops, with all-reduced partial sums ----------
@@ -158,13 +127,13 @@ def _sums_rows(t, norm):
     """Full-length fp64 row sums of a (possibly row-sharded) matrix, zeros outside the local rows."""
     local, off, n = _global_rows(t)
     out = torch.zeros(n, dtype=torch.float64, device=local.device)
-    out[off:off + local.shape[0]] = reference._row_norm_parts(local, norm, 1)
+    out[off:off + local.shape[0]] = factors.row_norm_parts(local, norm, 1)
     return out
 
 
 def _sums_cols(t, norm):
     local = _local(t)
-    return reference._row_norm_parts(local, norm, 0)
+    return factors.row_norm_parts(local, norm, 0)
 
 
 def _all_reduce(x, t):
@@ -187,35 +156,25 @@ def _scale_param(param, rows, mult, by_row, optimizer, optimizer_state):
     m = mult[off:off + n] if by_row else mult
     shape = (-1, 1) if (by_row and local.dim() == 2) else (-1,) if local.dim() == 1 else (1, -1)
     local.copy_((local.double() * m.view(shape)).to(local.dtype))
-    mom = _moments(optimizer, param)
-    if mom is None:
-        return
-    if optimizer_state == "reset":
-        for t in mom:
-            if t is not None:
-                t.zero_()
-    elif optimizer_state == "rescale":
-        for s, p in ((mom[0], 1), (mom[1], 2)):
-            sl = _local(s) if rows is None else _local(s)[rows]
-            sl.copy_((sl.double() / m.view(shape) ** p).to(sl.dtype))
+    moments.follow_scale(optimizer, param, optimizer_state, m.view(shape), rows)
 
 
 def _apply_unfused(spec, optimizer, granularity, norm, qk, vo, optimizer_state, clamp, pow2):
-    factors = []
+    out = []
     clamp_t = tuple(clamp) if clamp is not None else None
     for lay in spec.layers:
         if any(p.lora for p in (lay.q, lay.k, lay.v, lay.o)):
             eff = [_effective(p) for p in (lay.q, lay.k, lay.v, lay.o)]
-            sums = reference.layer_sums(*eff, norm)
+            sums = factors.layer_sums(*eff, norm)
         else:
             sums = (_all_reduce(_sums_rows(lay.q.weight(), norm), lay.q.weight()),
                     _all_reduce(_sums_rows(lay.k.weight(), norm), lay.k.weight()),
                     _all_reduce(_sums_rows(lay.v.weight(), norm), lay.v.weight()),
                     _all_reduce(_sums_cols(lay.o.weight(), norm), lay.o.weight()))
-        (mq, mk, mv, mo), f = reference.multipliers_from_sums(
+        (mq, mk, mv, mo), f = factors.multipliers_from_sums(
             *sums, spec.num_heads, spec.num_kv_heads, spec.head_dim, granularity, norm, spec.rope_interleaved, qk, vo,
             1e-12, clamp_t, pow2)
-        factors.append(f)
+        out.append(f)
         for proj, mult, by_row in ((lay.q, mq, True), (lay.k, mk, True), (lay.v, mv, True), (lay.o, mo, False)):
             _scale_param(proj.linear.weight, proj.rows, mult.to(_local(proj.linear.weight).device), by_row,
                          optimizer, optimizer_state)
@@ -225,7 +184,7 @@ def _apply_unfused(spec, optimizer, granularity, norm, qk, vo, optimizer_state, 
             for ad in proj.lora:  # W = W0 + s B A: rows go into B, W_o's columns into A
                 target, along_rows = (ad.B.weight, True) if by_row else (ad.A.weight, False)
                 _scale_param(target, None, mult.to(target.device), along_rows, optimizer, optimizer_state)
-    return torch.stack(factors)
+    return torch.stack(out)
 
 
 def _balance_adapters(spec, optimizer, optimizer_state) -> torch.Tensor:

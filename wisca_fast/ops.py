@@ -4,11 +4,10 @@ kernel, CUDA kernel when compiled, fake kernel) and a Python-friendly wrapper.""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
 import torch
 
 from . import reference
+from .layout import AttentionTensors, OpLists  # noqa: F401  (AttentionTensors: part of this door)
 
 try:
     from . import _C  # noqa: F401  (registers the operator)
@@ -48,28 +47,6 @@ if not _COMPILED_CUDA:
     _fallback_lib.impl("rescale_attention_", _cuda_fallback, "CUDA")
 
 
-@dataclass
-class AttentionTensors:
-    """One attention layer's tensors for a rescale. Optional entries may be None."""
-
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
-    bq: torch.Tensor | None = None
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
-    # Adam moments keyed "q", "k", "v", "o", "bq", "bk", "bv"
-    exp_avg: dict = field(default_factory=dict)
-    exp_avg_sq: dict = field(default_factory=dict)
-    # low-precision shadows of fp32 masters keyed "q", "k", "v", "o"
-    shadows: dict = field(default_factory=dict)
-
-
-def _or_empty(t, like):
-    return t if t is not None else like.new_empty(0)
-
-
 def rescale_attention_(layers: list[AttentionTensors], num_heads: int, num_kv_heads: int, head_dim: int,
                        granularity: str = "tensor", norm: str = "l1", rope_interleaved: bool = False,
                        qk: bool = True, vo: bool = True, clamp: tuple[float, float] | None = None,
@@ -78,17 +55,9 @@ def rescale_attention_(layers: list[AttentionTensors], num_heads: int, num_kv_he
     t for V/O) or ``[L, 2, num_kv_heads, head_dim]`` for ``granularity="channel"``."""
     if not layers:
         raise ValueError("rescale_attention_: layers is empty; pass one AttentionTensors per attention layer")
-    w = [t for lay in layers for t in (lay.wq, lay.wk, lay.wv, lay.wo)]
-    anchor = layers[0].wq
-    has_bias = any(b is not None for lay in layers for b in (lay.bq, lay.bk, lay.bv))
-    has_state = any(lay.exp_avg for lay in layers)
-    has_shadow = any(lay.shadows for lay in layers)
-    keys = ("q", "k", "v", "o", "bq", "bk", "bv")
-    biases = [_or_empty(b, anchor) for lay in layers for b in (lay.bq, lay.bk, lay.bv)] if has_bias else []
-    m = [_or_empty(lay.exp_avg.get(k), anchor) for lay in layers for k in keys] if has_state else []
-    v = [_or_empty(lay.exp_avg_sq.get(k), anchor) for lay in layers for k in keys] if has_state else []
-    sh = [_or_empty(lay.shadows.get(k), anchor) for lay in layers for k in keys[:4]] if has_shadow else []
+    t = OpLists.pack(layers)
     lo, hi = clamp if clamp is not None else (0.0, 0.0)
-    return torch.ops.wisca_fast.rescale_attention_(w, biases, m, v, sh, num_heads, num_kv_heads, head_dim,
+    return torch.ops.wisca_fast.rescale_attention_(t.weights, t.biases, t.exp_avg, t.exp_avg_sq, t.shadows,
+                                                   num_heads, num_kv_heads, head_dim,
                                                    granularity, norm, rope_interleaved, qk, vo, float(lo),
                                                    float(hi), pow2, float(eps))

@@ -146,9 +146,9 @@ def engine_steps() -> None:
 
     import transformers
 
-    from c2t_fast.drafts import DraftLM
-    from c2t_fast.engine import SpeculativeGenerator
-    from c2t_fast.strategies import Chain, Eagle2
+    from c2t_fast.decoding.drafts import DraftLM
+    from c2t_fast.decoding.engine import SpeculativeGenerator
+    from c2t_fast.decoding.strategies import Chain, Eagle2
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,

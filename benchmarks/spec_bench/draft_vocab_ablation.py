@@ -24,9 +24,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from c2t_fast.engine import Metrics, SpeculativeGenerator
-    from c2t_fast.loading import load_classifier, load_draft, load_target
-    from c2t_fast.strategies import C2T, Eagle2
+    from c2t_fast.decoding.engine import Metrics, SpeculativeGenerator
+    from c2t_fast.decoding.loading import load_classifier, load_draft
+    from c2t_fast.hf.loading import load_target
+    from c2t_fast.decoding.strategies import C2T, Eagle2
 
     target, tok = load_target("smollm2")
     drafts = {"8k draft vocabulary": load_draft(None, target), "full vocabulary": load_draft(None, target, True)}

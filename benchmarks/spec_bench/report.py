@@ -72,26 +72,10 @@ def wall_clock_row(set_name: str, runs: dict) -> str:
 
 
 def plot(set_name: str, runs: dict, path: str) -> None:
-    import matplotlib
+    from c2t_fast.bench import plot_tau_gamma
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for curve, style in zip(CURVES, ("o-", "s-", "^--")):
-        rows = runs.get(curve, {}).get("rows", [])
-        if rows:
-            pts = sorted((r["gamma_per_step"], r["tau"]) for r in rows)
-            ax.plot(*zip(*pts), style, label=curve)
-    if not ax.lines:
-        plt.close(fig)
-        return
-    ax.set(xlabel="γ: draft tokens verified per step", ylabel="τ: accepted draft tokens per step",
-           title=f"{set_name}: τ–γ (SmolLM2-135M, shipped head)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves = {c: [(r["gamma_per_step"], r["tau"]) for r in runs.get(c, {}).get("rows", [])] for c in CURVES}
+    plot_tau_gamma(curves, path, f"{set_name}: τ–γ (SmolLM2-135M, shipped head)", styles=dict(zip(CURVES, ("o-", "s-", "^--"))))
 
 
 def main(out: str) -> str:

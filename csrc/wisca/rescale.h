@@ -8,6 +8,18 @@
 
 namespace wisca_fast {
 
+// The op's flat tensor lists, per layer l (wisca_fast/layout.py is the Python side of the same table):
+// weights (q, k, v, o) at 4l + i; biases (q, k, v) at 3l + i; exp_avg / exp_avg_sq (q, k, v, o weights,
+// then q, k, v biases) at 7l + i; shadows (q, k, v, o) at 4l + i. Empty tensors mark absent entries.
+namespace layout {
+constexpr int64_t kWeights = 4, kBiases = 3, kMoments = 7, kShadows = 4;
+inline int64_t weight(int64_t l, int64_t i) { return kWeights * l + i; }
+inline int64_t bias(int64_t l, int64_t i) { return kBiases * l + i; }
+inline int64_t moment(int64_t l, int64_t i) { return kMoments * l + i; }                   // of weight i
+inline int64_t bias_moment(int64_t l, int64_t i) { return kMoments * l + kWeights + i; }  // of bias i
+inline int64_t shadow(int64_t l, int64_t i) { return kShadows * l + i; }
+}  // namespace layout
+
 struct RescaleArgs {
   int64_t L = 0, Hq = 0, Hkv = 0, D = 0;
   bool channel = false, fro = false, interleaved = false, qk = true, vo = true, pow2 = false;

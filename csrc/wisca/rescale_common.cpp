@@ -76,9 +76,9 @@ RescaleArgs check_rescale_args(at::TensorList weights, at::TensorList biases, at
                                const std::string& norm, bool rope_interleaved, bool qk, bool vo,
                                double clamp_lo, double clamp_hi, bool pow2, double eps) {
   RescaleArgs a;
-  TORCH_CHECK_VALUE(!weights.empty() && weights.size() % 4 == 0, kOp,
+  TORCH_CHECK_VALUE(!weights.empty() && weights.size() % layout::kWeights == 0, kOp,
                     ": weights must list (q, k, v, o) for every layer, got ", weights.size(), " tensors");
-  a.L = static_cast<int64_t>(weights.size()) / 4;
+  a.L = static_cast<int64_t>(weights.size()) / layout::kWeights;
   TORCH_CHECK_VALUE(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0, kOp, ": ", num_heads,
                     " query heads do not divide into ", num_kv_heads, " KV heads");
   TORCH_CHECK_VALUE(head_dim > 0, kOp, ": head_dim must be positive, got ", head_dim);
@@ -102,14 +102,16 @@ RescaleArgs check_rescale_args(at::TensorList weights, at::TensorList biases, at
   a.eps = eps;
   TORCH_CHECK_VALUE(!(a.channel && qk && head_dim % 2), kOp,
                     ": channel-wise Q/K needs an even head_dim (RoPE pairs), got ", head_dim);
-  TORCH_CHECK_VALUE(biases.empty() || static_cast<int64_t>(biases.size()) == 3 * a.L, kOp,
-                    ": biases must be empty or list (q, k, v) per layer (", 3 * a.L, "), got ", biases.size());
+  TORCH_CHECK_VALUE(biases.empty() || static_cast<int64_t>(biases.size()) == layout::kBiases * a.L, kOp,
+                    ": biases must be empty or list (q, k, v) per layer (", layout::kBiases * a.L, "), got ",
+                    biases.size());
   TORCH_CHECK_VALUE(exp_avg.size() == exp_avg_sq.size(), kOp, ": exp_avg and exp_avg_sq differ in length");
-  TORCH_CHECK_VALUE(exp_avg.empty() || static_cast<int64_t>(exp_avg.size()) == 7 * a.L, kOp,
-                    ": exp_avg must be empty or list (q, k, v, o, bq, bk, bv) per layer (", 7 * a.L, "), got ",
-                    exp_avg.size());
-  TORCH_CHECK_VALUE(shadows.empty() || static_cast<int64_t>(shadows.size()) == 4 * a.L, kOp,
-                    ": shadows must be empty or list (q, k, v, o) per layer (", 4 * a.L, "), got ", shadows.size());
+  TORCH_CHECK_VALUE(exp_avg.empty() || static_cast<int64_t>(exp_avg.size()) == layout::kMoments * a.L, kOp,
+                    ": exp_avg must be empty or list (q, k, v, o, bq, bk, bv) per layer (", layout::kMoments * a.L,
+                    "), got ", exp_avg.size());
+  TORCH_CHECK_VALUE(shadows.empty() || static_cast<int64_t>(shadows.size()) == layout::kShadows * a.L, kOp,
+                    ": shadows must be empty or list (q, k, v, o) per layer (", layout::kShadows * a.L, "), got ",
+                    shadows.size());
   a.has_bias = !biases.empty();
   a.has_state = !exp_avg.empty();
   a.has_shadow = !shadows.empty();
@@ -117,36 +119,37 @@ RescaleArgs check_rescale_args(at::TensorList weights, at::TensorList biases, at
   const int64_t qrows = a.Hq * a.D, kvrows = a.Hkv * a.D;
   const char* names[4] = {"W_q", "W_k", "W_v", "W_o"};
   for (int64_t l = 0; l < a.L; ++l) {
-    const at::Tensor& wq = weights[4 * l];
+    const at::Tensor& wq = weights[layout::weight(l, 0)];
     check_matrix(wq, qrows, -1, l, "W_q");
     const int64_t C = wq.size(1);
-    check_matrix(weights[4 * l + 1], kvrows, C, l, "W_k");
-    check_matrix(weights[4 * l + 2], kvrows, C, l, "W_v");
-    check_matrix(weights[4 * l + 3], C, qrows, l, "W_o");
-    for (int i = 0; i < 4; ++i) {
-      const at::Tensor& w = weights[4 * l + i];
+    check_matrix(weights[layout::weight(l, 1)], kvrows, C, l, "W_k");
+    check_matrix(weights[layout::weight(l, 2)], kvrows, C, l, "W_v");
+    check_matrix(weights[layout::weight(l, 3)], C, qrows, l, "W_o");
+    for (int i = 0; i < layout::kWeights; ++i) {
+      const at::Tensor& w = weights[layout::weight(l, i)];
       TORCH_CHECK_VALUE(w.device() == dev, kOp, ": layer ", l, " ", names[i], " is on ", w.device(),
                         " but layer 0 W_q is on ", dev);
       if (a.has_state) {
-        check_like(exp_avg[7 * l + i], w, l, "exp_avg", names[i]);
-        check_like(exp_avg_sq[7 * l + i], w, l, "exp_avg_sq", names[i]);
-        TORCH_CHECK_VALUE((exp_avg[7 * l + i].numel() == 0) == (exp_avg_sq[7 * l + i].numel() == 0), kOp,
+        const int64_t m = layout::moment(l, i);
+        check_like(exp_avg[m], w, l, "exp_avg", names[i]);
+        check_like(exp_avg_sq[m], w, l, "exp_avg_sq", names[i]);
+        TORCH_CHECK_VALUE((exp_avg[m].numel() == 0) == (exp_avg_sq[m].numel() == 0), kOp,
                           ": layer ", l, " ", names[i], " has only one of exp_avg / exp_avg_sq");
       }
-      if (a.has_shadow) check_like(shadows[4 * l + i], w, l, "shadow", names[i]);
+      if (a.has_shadow) check_like(shadows[layout::shadow(l, i)], w, l, "shadow", names[i]);
     }
     if (a.has_bias) {
-      for (int i = 0; i < 3; ++i) {
-        const at::Tensor& b = biases[3 * l + i];
+      for (int i = 0; i < layout::kBiases; ++i) {
+        const at::Tensor& b = biases[layout::bias(l, i)];
         if (b.numel() == 0) continue;
-        const int64_t rows = weights[4 * l + i].size(0);
+        const int64_t rows = weights[layout::weight(l, i)].size(0);
         TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == rows, kOp, ": layer ", l, " bias of ", names[i],
                           " must be [", rows, "], got ", b.sizes());
         TORCH_CHECK_VALUE(at::isFloatingType(b.scalar_type()) && b.is_contiguous() && b.device() == dev, kOp,
                           ": layer ", l, " bias of ", names[i], " must be a contiguous floating tensor on ", dev);
         if (a.has_state) {
-          check_like(exp_avg[7 * l + 4 + i], b, l, "exp_avg", "a bias");
-          check_like(exp_avg_sq[7 * l + 4 + i], b, l, "exp_avg_sq", "a bias");
+          check_like(exp_avg[layout::bias_moment(l, i)], b, l, "exp_avg", "a bias");
+          check_like(exp_avg_sq[layout::bias_moment(l, i)], b, l, "exp_avg_sq", "a bias");
         }
       }
     }

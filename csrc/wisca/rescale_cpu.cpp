@@ -112,10 +112,10 @@ at::Tensor rescale_attention_cpu(at::TensorList weights, at::TensorList biases, 
   std::vector<double> sums(L * (2 * QR + 2 * KR));
   auto layer_sums = [&](int64_t l) { return sums.data() + l * (2 * QR + 2 * KR); };
   // Phase 1: one task per (layer, matrix); each task's order is fixed.
-  at::parallel_for(0, 4 * L, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, layout::kWeights * L, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t l = job / 4, i = job % 4;
-      const at::Tensor& w = weights[job];
+      const int64_t l = job / layout::kWeights, i = job % layout::kWeights;
+      const at::Tensor& w = weights[layout::weight(l, i)];
       double* base = layer_sums(l);
       double* out = i == 0 ? base : i == 1 ? base + QR : i == 2 ? base + QR + KR : base + QR + 2 * KR;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "wisca_sums", [&] {
@@ -137,23 +137,24 @@ at::Tensor rescale_attention_cpu(at::TensorList weights, at::TensorList biases, 
                   factors.data_ptr<float>() + l * per_layer);
   }
   // Phase 2: one task per (layer, matrix) with its bias, moments and shadow.
-  at::parallel_for(0, 4 * L, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, layout::kWeights * L, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t l = job / 4, i = job % 4;
+      const int64_t l = job / layout::kWeights, i = job % layout::kWeights;
       const double* m = mults.data() + l * (2 * QR + 2 * KR);
       const double* mult = i == 0 ? m : i == 1 ? m + QR : i == 2 ? m + QR + KR : m + QR + 2 * KR;
       const bool by_row = i != 3;
-      scale_tensor(weights[job], mult, by_row, 1);
-      if (a.has_state && exp_avg[7 * l + i].numel()) {
-        scale_tensor(exp_avg[7 * l + i], mult, by_row, -1);
-        scale_tensor(exp_avg_sq[7 * l + i], mult, by_row, -2);
+      const at::Tensor& w = weights[layout::weight(l, i)];
+      scale_tensor(w, mult, by_row, 1);
+      if (a.has_state && exp_avg[layout::moment(l, i)].numel()) {
+        scale_tensor(exp_avg[layout::moment(l, i)], mult, by_row, -1);
+        scale_tensor(exp_avg_sq[layout::moment(l, i)], mult, by_row, -2);
       }
-      if (a.has_shadow && shadows[job].numel()) shadows[job].copy_(weights[job]);
-      if (i < 3 && a.has_bias && biases[3 * l + i].numel()) {
-        scale_tensor(biases[3 * l + i], mult, true, 1);
-        if (a.has_state && exp_avg[7 * l + 4 + i].numel()) {
-          scale_tensor(exp_avg[7 * l + 4 + i], mult, true, -1);
-          scale_tensor(exp_avg_sq[7 * l + 4 + i], mult, true, -2);
+      if (a.has_shadow && shadows[layout::shadow(l, i)].numel()) shadows[layout::shadow(l, i)].copy_(w);
+      if (i < layout::kBiases && a.has_bias && biases[layout::bias(l, i)].numel()) {
+        scale_tensor(biases[layout::bias(l, i)], mult, true, 1);
+        if (a.has_state && exp_avg[layout::bias_moment(l, i)].numel()) {
+          scale_tensor(exp_avg[layout::bias_moment(l, i)], mult, true, -1);
+          scale_tensor(exp_avg_sq[layout::bias_moment(l, i)], mult, true, -2);
         }
       }
     }

@@ -49,9 +49,10 @@ at::Tensor rescale_attention_cuda(at::TensorList weights, at::TensorList biases,
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t L = a.L, QR = a.Hq * a.D, KR = a.Hkv * a.D, stride = 2 * QR + 2 * KR;
 
-  std::vector<int64_t> table(4 * L);
-  for (int64_t i = 0; i < 4; ++i)
-    for (int64_t l = 0; l < L; ++l) table[i * L + l] = reinterpret_cast<int64_t>(weights[4 * l + i].data_ptr());
+  std::vector<int64_t> table(layout::kWeights * L);
+  for (int64_t i = 0; i < layout::kWeights; ++i)
+    for (int64_t l = 0; l < L; ++l)
+      table[i * L + l] = reinterpret_cast<int64_t>(weights[layout::weight(l, i)].data_ptr());
   at::Tensor table_d = to_device_bytes(table.data(), table.size() * sizeof(int64_t), dev);
   auto ptrs = reinterpret_cast<const void* const*>(table_d.data_ptr());
   cuda::ReduceArgs ra{ptrs, ptrs + L, ptrs + 2 * L, ptrs + 3 * L, code(weights[0].scalar_type()), L, QR, KR,
@@ -86,17 +87,18 @@ at::Tensor rescale_attention_cuda(at::TensorList weights, at::TensorList biases,
     for (int64_t i = 0; i < 4; ++i) {
       const double* mult = m + l * stride + (i == 0 ? 0 : i == 1 ? QR : i == 2 ? QR + KR : QR + 2 * KR);
       const bool by_row = i != 3;
-      add(scale_segs, weights[4 * l + i], nullptr, mult, by_row, 1);
+      add(scale_segs, weights[layout::weight(l, i)], nullptr, mult, by_row, 1);
       if (a.has_state) {
-        add(scale_segs, exp_avg[7 * l + i], nullptr, mult, by_row, -1);
-        add(scale_segs, exp_avg_sq[7 * l + i], nullptr, mult, by_row, -2);
+        add(scale_segs, exp_avg[layout::moment(l, i)], nullptr, mult, by_row, -1);
+        add(scale_segs, exp_avg_sq[layout::moment(l, i)], nullptr, mult, by_row, -2);
       }
-      if (a.has_shadow) add(shadow_segs, shadows[4 * l + i], &weights[4 * l + i], nullptr, true, 1);
+      if (a.has_shadow)
+        add(shadow_segs, shadows[layout::shadow(l, i)], &weights[layout::weight(l, i)], nullptr, true, 1);
       if (i < 3 && a.has_bias) {
-        add(scale_segs, biases[3 * l + i], nullptr, mult, true, 1);
+        add(scale_segs, biases[layout::bias(l, i)], nullptr, mult, true, 1);
         if (a.has_state) {
-          add(scale_segs, exp_avg[7 * l + 4 + i], nullptr, mult, true, -1);
-          add(scale_segs, exp_avg_sq[7 * l + 4 + i], nullptr, mult, true, -2);
+          add(scale_segs, exp_avg[layout::bias_moment(l, i)], nullptr, mult, true, -1);
+          add(scale_segs, exp_avg_sq[layout::bias_moment(l, i)], nullptr, mult, true, -2);
         }
       }
     }

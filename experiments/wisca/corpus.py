@@ -22,8 +22,8 @@ from itertools import islice
 import torch
 from tqdm.auto import tqdm
 
-from c2t_fast.data import sharegpt_conversations
-from c2t_fast.shipped import package_dir
+from c2t_fast.training.sharegpt import sharegpt_conversations
+from c2t_fast.hf.shipped import package_dir
 
 WIKI_FILE = os.path.join("data", "summaries_en-us.json")
 
@@ -43,7 +43,7 @@ def sharegpt_texts(n: int, skip: int = 6_000) -> list[str]:
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from c2t_fast.shipped import SMOLLM2_GGUF, smollm2_dir
+    from c2t_fast.hf.shipped import SMOLLM2_GGUF, smollm2_dir
 
     return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
 

@@ -42,8 +42,8 @@ def subset_cache(cache: str, shards: int, out: str) -> str:
 
 
 def measure_tau(target, tok, head, prompts: list[str], max_new_tokens: int) -> dict:
-    from c2t_fast.engine import SpeculativeGenerator
-    from c2t_fast.strategies import Eagle2
+    from c2t_fast.decoding.engine import SpeculativeGenerator
+    from c2t_fast.decoding.strategies import Eagle2
 
     gen = SpeculativeGenerator(target, head, Eagle2(), stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")])
     steps = accepted = gamma = 0
@@ -72,16 +72,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from c2t_fast.draft_training import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
-    from c2t_fast.drafts import EagleDraftHead
-    from c2t_fast.loading import load_target
+    from c2t_fast.training.draft_head import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
+    from c2t_fast.decoding.drafts import EagleDraftHead
+    from c2t_fast.hf.loading import load_target
     from wisca_fast import WiscaScheduler
 
     target, tok = load_target("smollm2")
     if args.cache:
         cache = subset_cache(args.cache, args.shards, args.out)
     else:
-        from c2t_fast.data import sharegpt_conversations
+        from c2t_fast.training.sharegpt import sharegpt_conversations
 
         cache = os.path.join(args.out, "feature_cache")
         cache_hidden_states(target, encode_conversations(tok, sharegpt_conversations(), 512), cache, args.token_budget)

@@ -28,7 +28,7 @@ CONFIGS = {"baseline": None, "wisca_effective": "effective", "wisca_adapter": "a
 def conversation_blocks(tokenizer, first: int, count: int, seq_len: int) -> torch.Tensor:
     """Chat-template token ids of ``count`` ShareGPT conversations starting at ``first``, as
     ``[count', seq_len + 1]`` blocks (conversations shorter than a block are skipped)."""
-    from c2t_fast.data import sharegpt_conversations
+    from c2t_fast.training.sharegpt import sharegpt_conversations
 
     out = []
     for msgs in islice(sharegpt_conversations(), first, first + count):
@@ -41,7 +41,7 @@ def conversation_blocks(tokenizer, first: int, count: int, seq_len: int) -> torc
 def lora_model(seed: int, rank: int):
     from peft import LoraConfig, get_peft_model
 
-    from c2t_fast.shipped import load_smollm2
+    from c2t_fast.hf.shipped import load_smollm2
 
     base, _ = load_smollm2()
     torch.manual_seed(seed)
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     args, configs = parse_run_args(p, argv, CONFIGS)
-    from c2t_fast.shipped import load_smollm2
+    from c2t_fast.hf.shipped import load_smollm2
 
     _, tok = load_smollm2()
     train = conversation_blocks(tok, args.first_conversation, args.train_conversations, args.seq_len)

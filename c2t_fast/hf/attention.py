@@ -1,4 +1,5 @@
-"""Hugging Face integration of c2t_fast: the one module that knows transformers' objects.
+"""The tree-verification patch of a Hugging Face model (part of ``c2t_fast.hf``, the room that knows
+transformers):
 
 - ``patch(model)`` / ``unpatch(model)``: register our attention under ``ATTN_NAME`` with
   transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` and switch the model to it.
@@ -15,7 +16,8 @@ import weakref
 
 import torch
 
-from . import ops
+from ..kernels import ops
+from .adapter import decoder_of
 
 ATTN_NAME = "c2t_tree"
 TREE_KWARG = "c2t_tree_bits"
@@ -109,11 +111,6 @@ def _remember(config, base: str) -> None:
         weakref.finalize(config, _BASE_IMPL.pop, id(config), None)
 
 
-def _decoder(model):
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return dec if isinstance(dec, torch.nn.Module) else model
-
-
 def check_tree_call(model, args, kwargs) -> None:
     """Validate a forward call's ``c2t_tree_bits`` against its input before the first layer runs (a
     mismatch found inside attention would leave earlier layers' cache entries grown)."""
@@ -143,7 +140,7 @@ def check_tree_call(model, args, kwargs) -> None:
 
 
 def _install_tree_check(model) -> None:
-    dec = _decoder(model)
+    dec = decoder_of(model)
     if getattr(dec, _HOOK_ATTR, None) is None:
         # the decoder shares the model's config and carries _MODEL_ATTR, so it is all the check needs
         handle = dec.register_forward_pre_hook(lambda mod, args, kwargs: check_tree_call(mod, args, kwargs),
@@ -172,7 +169,7 @@ def patch(model):
         base = config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
     _remember(config, base)
-    for m in (model, _decoder(model)):
+    for m in (model, decoder_of(model)):
         setattr(m, _MODEL_ATTR, base)
     _install_tree_check(model)
     return model

@@ -9,83 +9,20 @@ tau and gamma compare on equal terms.
   ``depth`` iterations after the first layer, then rerank to the top ``total_tokens`` (root included).
 - ``C2T(classifier, beta, top_k, d_max, top_m, second_prune)``: the paper's Algorithm 1.
 
-A strategy reads the draft only through a ``TreeDrafter`` (tree arrays + the draft-side feeding); draft
-logits columns become tokens through ``TreeDrafter.token_of`` (a restricted draft vocabulary).
+A strategy reads the draft only through a ``TreeDrafter`` (``tree.py``: the tree arrays on one device +
+the draft-side feeding) and returns the tree to verify; draft-logit columns become tokens through
+``TreeDrafter.token_of`` (a restricted draft vocabulary). A strategy holds only its settings: what one
+step selected lives on that step's drafter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 
-from . import ops
-
-
-class TreeDrafter:
-    """The growing tree of one step and the draft fed with it. Node 0 is the root.
-
-    Every tensor of the tree lives on one device, ``self.device``: the device of the draft's logits.
-    On a GPU the tree is grown, scored, pruned and verified there (the tree ops' CUDA kernels); the
-    host reads only sizes (the data-dependent outputs of prune/rerank) and the accepted tokens."""
-
-    def __init__(self, draft, root_token: int, root_feature, record_features: bool = False):
-        self.draft = draft
-        self.root_logits = draft.root(root_token, root_feature).float()
-        dev = self.device = self.root_logits.device
-        self.tokens = torch.tensor([root_token], dtype=torch.int64, device=dev)
-        self.parents = torch.tensor([-1], dtype=torch.int32, device=dev)
-        self.logp = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.depth = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.int64, device=dev)  # draft slot of each node, -1 when not fed
-        self.anc = torch.ones(1, 1, dtype=torch.bool, device=dev)  # [node, slot]: slot is the node or an ancestor
-        self.entropy = torch.zeros(1, device=dev)  # H of the distribution a node was drawn from (recording)
-        self.record = record_features
-        self.vocab_ids = draft.vocab_ids_on(dev) if hasattr(draft, "vocab_ids_on") else None
-
-    def token_of(self, columns: torch.Tensor) -> torch.Tensor:
-        """Token ids of draft-logit columns (the identity unless the draft's vocabulary is restricted)."""
-        return columns if self.vocab_ids is None else self.vocab_ids[columns]
-
-    def nodes(self, ids) -> torch.Tensor:
-        """int64 node ids on the tree's device (from Python ints)."""
-        return torch.as_tensor(ids, dtype=torch.int64, device=self.device).view(-1)
-
-    @property
-    def size(self) -> int:
-        return self.tokens.numel()
-
-    def tree(self) -> ops.Tree:
-        return ops.Tree(self.tokens, self.parents, self.logp)
-
-    def append(self, parents: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
-               entropy: torch.Tensor | None = None) -> torch.Tensor:
-        """Add nodes (parents must be in the tree); returns their node ids."""
-        n, dev = tokens.numel(), self.device
-        ids = torch.arange(self.size, self.size + n, device=dev)
-        parents = parents.to(torch.int64)
-        self.tokens = torch.cat([self.tokens, tokens.to(torch.int64)])
-        self.parents = torch.cat([self.parents, parents.to(torch.int32)])
-        self.logp = torch.cat([self.logp, logp.float()])
-        self.depth = torch.cat([self.depth, self.depth[parents] + 1])
-        self.slot = torch.cat([self.slot, torch.full((n,), -1, dtype=torch.int64, device=dev)])
-        self.anc = torch.cat([self.anc, self.anc[parents]])
-        self.entropy = torch.cat([self.entropy, entropy.float() if entropy is not None else torch.zeros(n, device=dev)])
-        return ids
-
-    def expand(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Feed ``nodes`` (one batched draft call) and return their next-token logits ``[n, V]``."""
-        nodes = nodes.to(torch.int64)
-        n, n_slots = nodes.numel(), self.anc.shape[1]
-        parent_slots = self.slot[self.parents[nodes].to(torch.int64)]
-        if bool((parent_slots < 0).any()):  # a host sync, the price of this check
-            raise RuntimeError("a node was expanded before its parent")
-        new_slots = torch.arange(n_slots, n_slots + n, device=self.device)
-        self.anc = torch.cat([self.anc, torch.zeros(self.size, n, dtype=torch.bool, device=self.device)], 1)
-        self.anc[nodes, new_slots] = True
-        self.slot[nodes] = new_slots
-        visible = self.anc[nodes]  # [n, n_slots + n]: ancestors' slots and its own
-        return self.draft.layer_logits(self.tokens[nodes], parent_slots, visible).float()
+from ..kernels import ops
+from .tree import TreeDrafter
 
 
 def _entropy_topm(logits: torch.Tensor, m: int = 1000) -> torch.Tensor:
@@ -263,9 +200,7 @@ class Eagle2(Strategy):
             new = d.append(parents, d.token_of(top.indices.reshape(-1)), joint.reshape(-1), ent)
             keep = torch.topk(joint.reshape(-1), min(self.top_k, joint.numel())).indices
             frontier = new[keep]
-        self.full_tree = d.tree()
-        pruned, self.selected = ops.rerank_tree(d.tree(), self.total_tokens)
-        return pruned
+        return d.rerank(self.total_tokens)
 
 
 @dataclass
@@ -305,23 +240,40 @@ class C2T(_ClassifierStrategy):
             s = self._score(d, logits, d.logp[frontier], depth, k)
             budget = cap - (d.size - 1)
             max_keep = min(self.top_k, budget) if self.second_prune else budget
-            new_tree, new_nodes, sel = ops.prune_tree(
-                d.tree(), frontier[:, None].expand(-1, k).reshape(-1), s.tokens.reshape(-1), s.child_logp.reshape(-1),
-                s.confidence.reshape(-1), s.keep.reshape(-1), max(0, max_keep))
+            parents = frontier[:, None].expand(-1, k).reshape(-1)
+            tokens, child_logp = s.tokens.reshape(-1), s.child_logp.reshape(-1)
+            _, _, sel = ops.prune_tree(d.tree(), parents, tokens, child_logp, s.confidence.reshape(-1),
+                                       s.keep.reshape(-1), max(0, max_keep))
             if sel.numel() == 0:
                 break
             ent = s.entropy[:, None].expand(-1, k).reshape(-1)[sel]
-            frontier = d.append(new_tree.parents[d.size:], new_tree.tokens[d.size:], new_tree.logp[d.size:], ent)
+            frontier = d.append(parents[sel], tokens[sel], child_logp[sel], ent)
             if depth + 1 == self.d_max or d.size - 1 >= cap:
                 break
             logits = d.expand(frontier)
         return d.tree()
 
 
+STRATEGIES = {"chain": Chain, "chain_c2t": ChainC2T, "static": Static, "eagle2": Eagle2, "c2t": C2T}
+CLASSIFIER_STRATEGIES = ("c2t", "chain_c2t")  # the strategies that need a C2T classifier
+
+
+def strategy_parameters(name: str) -> dict:
+    """The settings of strategy ``name`` and their defaults (the classifier excluded): the one list the
+    CLI flags, the benchmark sweeps and their help texts are built from."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
+    return {f.name: f.default if f.default is not MISSING else f.default_factory()
+            for f in fields(STRATEGIES[name]) if f.init and f.name != "classifier"}
+
+
 def strategy_from_name(name: str, classifier=None, **params) -> Strategy:
-    table = {"chain": Chain, "chain_c2t": ChainC2T, "static": Static, "eagle2": Eagle2, "c2t": C2T}
-    if name not in table:
-        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(table)}")
-    if name in ("c2t", "chain_c2t"):
+    """``STRATEGIES[name](**params)``, with ``classifier`` for the classifier strategies; a parameter
+    the strategy does not take is refused by name."""
+    unknown = sorted(set(params) - set(strategy_parameters(name)))
+    if unknown:
+        raise ValueError(f"strategy {name!r} has no parameter {', '.join(unknown)}; its parameters are "
+                         f"{sorted(strategy_parameters(name))}")
+    if name in CLASSIFIER_STRATEGIES:
         params["classifier"] = classifier
-    return table[name](**params)
+    return STRATEGIES[name](**params)

@@ -32,13 +32,14 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .drafts import EagleDraftHead
+from ..decoding.drafts import EagleDraftHead
+from ..hf.adapter import TargetAdapter, decoder_of, encode_chat, text_config
 
 
 def encode_conversations(tokenizer, conversations: Iterable[list[dict]], max_len: int) -> Iterator[torch.Tensor]:
     """Chat-template token ids of each conversation, truncated to ``max_len``."""
     for msgs in conversations:
-        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_tensors="pt", return_dict=True)["input_ids"][0]
+        ids = encode_chat(tokenizer, msgs, add_generation_prompt=False)
         if ids.numel() >= 8:
             yield ids[:max_len]
 
@@ -50,7 +51,7 @@ def cache_hidden_states(target, sequences: Iterable[torch.Tensor], cache_dir: st
     os.makedirs(cache_dir, exist_ok=True)
     meta_file = os.path.join(cache_dir, "meta.json")
     meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {"sequences": 0, "tokens": 0, "shards": 0}
-    base = target.get_decoder() if hasattr(target, "get_decoder") else target.model
+    adapter = TargetAdapter(target)
     shard: list[dict] = []
 
     def flush():
@@ -69,7 +70,7 @@ def cache_hidden_states(target, sequences: Iterable[torch.Tensor], cache_dir: st
                 break
             if i < meta["sequences"]:
                 continue  # cached by an earlier run
-            h = base(input_ids=ids[None]).last_hidden_state[0]
+            h = adapter.hidden_states(ids)
             shard.append({"ids": ids.to(torch.int32), "hidden": h.to(torch.float16)})
             meta["sequences"] += 1
             meta["tokens"] += ids.numel()
@@ -172,11 +173,11 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     if n_val == 0 and cfg.val_fraction > 0 and len(data) >= 4:
         n_val = 1
     val, data = data[len(data) - n_val:], data[:len(data) - n_val]
-    head = EagleDraftHead(target.config).attach(target)
+    head = EagleDraftHead(text_config(target)).attach(target)
     for p in (*head.embed_tokens.parameters(), *head.lm_head.parameters()):
         p.requires_grad_(False)
     if cfg.init_from_target:
-        layers = (target.get_decoder() if hasattr(target, "get_decoder") else target.model).layers
+        layers = decoder_of(target).layers
         missing = head.layer.load_state_dict(layers[-1].state_dict(), strict=False)
         if missing.missing_keys:
             raise ValueError(f"cannot warm-start the head from the target's last layer: {missing.missing_keys}")

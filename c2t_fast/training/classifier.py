@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .classifier import C2TClassifier, ClassifierConfig, open_tree_dataset
+from ..decoding.classifier import C2TClassifier, ClassifierConfig
+from .tree_dataset import open_tree_dataset
 
 
 @dataclass

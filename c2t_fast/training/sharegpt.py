@@ -8,7 +8,7 @@ import json
 import os
 from typing import Iterator
 
-from .shipped import package_dir
+from ..hf.shipped import package_dir
 
 SHAREGPT_FILE = os.path.join("data", "ShareGPT_V3_unfiltered_cleaned_split.json")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
@@ -61,3 +61,12 @@ def sharegpt_conversations(limit: int | None = None, min_turns: int = 2) -> Iter
         n += 1
         if limit is not None and n >= limit:
             return
+
+
+def first_turns(start: int, limit: int, max_chars: int = 2000) -> list[str]:
+    """The first user turns of ShareGPT conversations ``start``, ``start + 1``, ... (``limit`` of them,
+    skipping turns longer than ``max_chars``: long pastes make a slow prefill)."""
+    from itertools import islice
+
+    firsts = (msgs[0]["content"] for msgs in islice(sharegpt_conversations(), start, None))
+    return list(islice((t for t in firsts if len(t) <= max_chars), limit))

@@ -20,7 +20,7 @@ import torch
 from . import reference
 
 try:
-    from . import _C  # noqa: F401  (registers the operators)
+    from .. import _C  # noqa: F401  (registers the operators)
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
         "c2t_fast._C is not built. Install with `pip install --no-build-isolation -e .` after torch "
@@ -332,7 +332,7 @@ def _tree_attention_cpu(q, k, v, ancestor_bits, prefix_len, scale, single_pass=N
 
 def _tree_attention_cuda(q, k, v, ancestor_bits, prefix_len, scale):
     _check_tree_attention(q, k, v, ancestor_bits, prefix_len)
-    from .triton_kernels.tree_attention import tree_attention as triton_tree_attention
+    from ..triton_kernels.tree_attention import tree_attention as triton_tree_attention
 
     return triton_tree_attention(q, k, v, _bits_3d(ancestor_bits, q.shape[0]), prefix_len, scale)
 
@@ -415,7 +415,7 @@ def _score_children_cpu(logits, top_values, top_indices, parent_logp, depth, k, 
 
 def _score_children_cuda(logits, top_values, top_indices, parent_logp, depth, k, w1, b1, w2, b2, beta, log_p):
     _check_score_children(logits, top_values, top_indices, parent_logp, k, w1, b1, w2, b2)
-    from .triton_kernels.score_children import score_children as triton_score_children
+    from ..triton_kernels.score_children import score_children as triton_score_children
 
     return triton_score_children(logits if logits.stride(1) == 1 else logits.contiguous(),
                                  top_values if top_values.stride(1) == 1 else top_values.contiguous(),

@@ -57,7 +57,7 @@ def cache_root() -> str:
 
 
 def _conversion_key(dtype: torch.dtype) -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {"source": SMOLLM2_GGUF, "source_version": importlib.metadata.version(SMOLLM2_PACKAGE),
             "c2t_fast": __version__, "dtype": str(dtype).removeprefix("torch.")}

@@ -1,8 +1,10 @@
 """Lossless speculative generation (batch 1): draft a tree, verify it in one target pass through the
 patched attention, accept with verify_greedy / verify_sample, compact the KV cache, emit.
 
-Per step (DESIGN.md): strategy.build(draft) -> build_tree -> target(tree, position_ids, tree bits) ->
-verify -> compact_kv on the target cache (the draft re-feeds the accepted path) -> accepted + bonus.
+Per step (docs/DESIGN.md, "Generation engine"): strategy.build(TreeDrafter) -> build_tree -> one target
+pass over the tree (TargetAdapter.forward with the tree bits) -> verify -> compact_kv on the target cache
+(the draft re-feeds the accepted path) -> accepted + bonus. Every transformers call goes through
+``hf.adapter``.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from . import ops
-from .attention import check_supported, compact_dynamic_cache, patch
-from .drafts import Draft, cache_kwarg
-from .strategies import Strategy, TreeDrafter
+from ..hf.adapter import TargetAdapter, encode_chat, sampling_probs
+from ..hf.attention import check_supported, compact_dynamic_cache, patch
+from ..kernels import ops
+from .drafts import DraftProtocol
+from .metrics import Generation, Metrics
+from .strategies import Strategy
+from .tree import TreeDrafter
 
 
 def _check_int(name: str, value, lo: int) -> None:
@@ -26,100 +30,33 @@ def _check_int(name: str, value, lo: int) -> None:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
-@dataclass
-class Metrics:
-    """tau: accepted draft tokens per step (bonus excluded); gamma: draft tokens verified (root excluded)."""
-
-    steps: int = 0
-    accepted: list = field(default_factory=list)
-    draft_tokens: list = field(default_factory=list)
-    new_tokens: int = 0
-    prefill_time: float = 0.0
-    draft_time: float = 0.0
-    verify_time: float = 0.0
-    total_time: float = 0.0
-    baseline_time: float | None = None  # plain autoregressive decoding of the same tokens
-
-    @property
-    def tau(self) -> float:
-        return sum(self.accepted) / max(1, self.steps)
-
-    @property
-    def gamma(self) -> int:
-        return sum(self.draft_tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_time if self.total_time else 0.0
-
-    @property
-    def speedup(self) -> float | None:
-        return self.baseline_time / self.total_time if self.baseline_time and self.total_time else None
-
-    def summary(self) -> dict:
-        return {"steps": self.steps, "tau": round(self.tau, 4), "gamma": self.gamma,
-                "gamma_per_step": round(self.gamma / max(1, self.steps), 2), "new_tokens": self.new_tokens,
-                "draft_time_s": round(self.draft_time, 4), "verify_time_s": round(self.verify_time, 4),
-                "total_time_s": round(self.total_time, 4), "tokens_per_s": round(self.tokens_per_s, 2),
-                "baseline_time_s": None if self.baseline_time is None else round(self.baseline_time, 4),
-                "speedup": None if self.speedup is None else round(self.speedup, 3)}
-
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    metrics: Metrics
-
-
 class SpeculativeGenerator:
     """``SpeculativeGenerator(target, draft, strategy)``: the target's exact output, faster.
 
     target: a Hugging Face causal LM of a supported family (patched here for tree verification).
-    draft: ``drafts.EagleDraftHead`` (attached to the target) or ``drafts.DraftLM``.
-    strategy: one of ``strategies``. ``recorder``: a ``classifier.TreeRecorder`` that receives
-    (P, H, d, accepted) for every drafted node of every step (classifier training data).
+    draft: any ``DraftProtocol``: ``EagleDraftHead`` (attached to the target) or ``DraftLM``.
+    strategy: one of ``decoding.strategies``. ``recorder``: an object with ``add_tree(P, H, d, label)``
+    (``training.tree_dataset.TreeRecorder``) that receives (P, H, d, accepted) for every drafted node
+    of every step's full tree (classifier training data).
     """
 
-    def __init__(self, target, draft: Draft, strategy: Strategy, eos_token_id=None, stop_token_ids=(),
+    def __init__(self, target, draft: DraftProtocol, strategy: Strategy, eos_token_id=None, stop_token_ids=(),
                  recorder=None):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
         if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a c2t_fast.strategies.Strategy, got {type(strategy).__name__}")
+            raise TypeError(f"strategy must be a c2t_fast.decoding.strategies.Strategy, got {type(strategy).__name__}")
+        if not isinstance(draft, DraftProtocol):
+            missing = [m for m in ("check_target", "vocab_ids_on", "prefill", "root", "layer_logits", "commit")
+                       if not callable(getattr(draft, m, None))]
+            raise TypeError(f"draft must implement c2t_fast.decoding.drafts.DraftProtocol; {type(draft).__name__} "
+                            f"lacks {', '.join(missing) or 'vocab_ids'}")
         draft.check_target(target)
         self.target, self.draft, self.strategy, self.recorder = target, draft, strategy, recorder
-        self.base = target.get_decoder() if hasattr(target, "get_decoder") else target.model
-        self.lm_head = target.get_output_embeddings()
-        eos = eos_token_id if eos_token_id is not None else getattr(target.generation_config, "eos_token_id", None)
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.stop = set(eos) | set(stop_token_ids)
-        self._cache_kw = cache_kwarg(self.base.forward)
-        self.max_positions = getattr(target.config, "max_position_embeddings", None)
+        self.adapter = TargetAdapter(target)
+        self.stop = set(self.adapter.eos_ids(eos_token_id)) | set(stop_token_ids)
+        self.max_positions = self.adapter.max_positions
         patch(target)
-
-    # -- target passes ---------------------------------------------------------------------------------
-
-    def _target(self, ids, cache, position_ids=None, bits=None):
-        kw = {self._cache_kw: cache}
-        if bits is not None:
-            kw["c2t_tree_bits"] = bits
-        out = self.base(input_ids=ids, position_ids=position_ids, use_cache=True, **kw)
-        h = out.last_hidden_state[0]
-        return h, self.lm_head(h).float()
-
-    @staticmethod
-    def _probs(logits, temperature, top_k, top_p):
-        """The target's sampling distribution, processed as transformers does (temperature, top-k, top-p)."""
-        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                            TopKLogitsWarper, TopPLogitsWarper)
-
-        procs = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-        if top_k:
-            procs.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p))
-        rows = logits.view(-1, logits.shape[-1])
-        return torch.softmax(procs(None, rows.clone()), -1)
 
     def _encode(self, prompt, tokenizer):
         if isinstance(prompt, torch.Tensor):
@@ -127,8 +64,7 @@ class SpeculativeGenerator:
         elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             if tokenizer is None:
                 raise ValueError("chat messages need a tokenizer")
-            enc = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            ids = enc["input_ids"].view(-1)
+            ids = encode_chat(tokenizer, prompt)
         elif isinstance(prompt, (list, tuple)):
             ids = torch.tensor(prompt, dtype=torch.int64)
         else:
@@ -167,15 +103,14 @@ class SpeculativeGenerator:
             gen.seed()  # no seed: fresh randomness on every call
         else:
             gen.manual_seed(seed)
-        device = self.lm_head.weight.device
-        from transformers import DynamicCache
+        target, device = self.adapter, self.adapter.device
 
         with torch.no_grad():
             t_start = time.perf_counter()
-            cache = DynamicCache()
-            hidden, logits = self._target(ids[None].to(device), cache)
+            cache = target.new_cache()
+            hidden, logits = target.forward(ids.to(device), cache)
             if sample:
-                root = int(torch.multinomial(self._probs(logits[-1], temperature, top_k, top_p)[0].cpu(), 1,
+                root = int(torch.multinomial(sampling_probs(logits[-1], temperature, top_k, top_p)[0].cpu(), 1,
                                              generator=gen))
             else:
                 root = int(logits[-1].argmax())
@@ -199,9 +134,9 @@ class SpeculativeGenerator:
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 b = ops.build_tree(tree.parents, prefix)
-                hid, logits = self._target(tree.tokens[None], cache, b.position_ids[None], b.ancestor_bits)
+                hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits)
                 if sample:
-                    probs = self._probs(logits, temperature, top_k, top_p)
+                    probs = sampling_probs(logits, temperature, top_k, top_p)
                     u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen).to(device)
                     verdict = ops.verify_sample(tree.tokens, tree.parents, probs, u)
                 else:
@@ -235,11 +170,8 @@ class SpeculativeGenerator:
 
     def _record(self, d: TreeDrafter, path: torch.Tensor) -> None:
         """(P, H, d, accepted) of every drafted node of this step's full tree (before any rerank)."""
-        full = getattr(self.strategy, "full_tree", None)
-        n = d.size
-        label = torch.zeros(n, dtype=torch.uint8)
-        sel = getattr(self.strategy, "selected", None)
-        on_path = path if sel is None or full is None else sel[path]  # map pruned ids back to the full tree
+        label = torch.zeros(d.size, dtype=torch.uint8)
+        on_path = path if d.selected is None else d.selected[path]  # map reranked ids back to the full tree
         label[on_path.cpu()] = 1
         self.recorder.add_tree(d.logp[1:].exp().cpu(), d.entropy[1:].cpu(), d.depth[1:].cpu() - 1, label[1:])
 
@@ -255,9 +187,8 @@ class SpeculativeGenerator:
         return Generation(tokens, m)
 
     def time_autoregressive(self, prompt, n_tokens: int, tokenizer=None) -> float:
-        ids = self._encode(prompt, tokenizer)[None].to(self.lm_head.weight.device)
-        with torch.no_grad():
-            t = time.perf_counter()
-            self.target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_tokens,
-                                 min_new_tokens=n_tokens, eos_token_id=None, pad_token_id=0)
-            return time.perf_counter() - t
+        """Seconds the target's own greedy ``generate()`` takes for exactly ``n_tokens`` new tokens."""
+        ids = self._encode(prompt, tokenizer)
+        t = time.perf_counter()
+        self.adapter.generate(ids, n_tokens, exact_length=True)
+        return time.perf_counter() - t

@@ -1,15 +1,6 @@
-"""Drafts behind one interface: an EAGLE-1/2-style draft head over the target's features, and any small
-Hugging Face causal LM that shares the target's tokenizer.
-
-Draft-side protocol for one speculative step (batch 1), in "slots" (entries of the draft's KV cache):
-- ``prefill(ids, hidden)``: the prompt becomes the stable context;
-- ``root(token, feature)``: feeds the root (the token the target just produced) -> logits ``[V]``;
-  the root is tree slot 0;
-- ``layer(tokens, parent_slots, visible)``: feeds a layer of n tree nodes -> logits ``[n, V]``; node i
-  sees the stable context and the tree slots ``visible[i]`` (its ancestors, the root included); the new
-  nodes get the next n slots;
-- ``commit(tokens, features)``: drops the tree except the root, then appends the accepted nodes as
-  ordinary context (for the head, each paired with the target feature of its predecessor).
+"""Drafts behind one declared protocol (``DraftProtocol``): an EAGLE-1/2-style draft head over the
+target's features (``EagleDraftHead``), and any small causal LM that shares the target's tokenizer
+(``DraftLM``).
 
 A draft with a restricted vocabulary (``vocab_ids`` not None, FR-Spec style) returns logits over those
 ids only: column j is token ``vocab_ids[j]``. Strategies map columns back to tokens
@@ -20,21 +11,27 @@ tokens outside its vocabulary.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from ..hf import adapter as hf
+from ..hf import layers as hf_layers
 
-def cache_kwarg(fn) -> str:
-    """Name of the KV-cache argument of a transformers forward (it changed across versions)."""
-    params = inspect.signature(fn).parameters
-    for name in ("cache", "past_key_values", "past_key_value"):
-        if name in params:
-            return name
-    return "past_key_values"
+
+def read_config(path: str):
+    """The parsed ``config.json`` of a draft directory (FileNotFoundError / ValueError naming the file)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"draft {path!r}: no config.json")
+    try:
+        with open(cfg_file) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise ValueError(f"draft {cfg_file} is not valid JSON ({err})") from None
 
 
 def _tree_mask(n_stable: int, visible: torch.Tensor, dtype, device) -> torch.Tensor:
@@ -45,16 +42,41 @@ def _tree_mask(n_stable: int, visible: torch.Tensor, dtype, device) -> torch.Ten
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def _target_vocab(target) -> int:
-    return target.get_output_embeddings().weight.shape[0]
+@runtime_checkable
+class DraftProtocol(Protocol):
+    """What the engine and the strategies call on a draft, for one speculative step (batch 1). Positions
+    of the draft's KV cache are "slots"; the tree of a step occupies the slots after the stable context.
 
+    All logits are fp32 on the draft's device, which must be the target's (``check_target``)."""
 
-def _text_config(target):
-    return target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    vocab_ids: torch.Tensor | None  # restricted draft vocabulary (sorted int64 token ids), None: all
+
+    def check_target(self, target) -> None:
+        """Raise ValueError naming the field when this draft cannot draft for ``target``."""
+
+    def vocab_ids_on(self, device) -> torch.Tensor | None:
+        """``vocab_ids`` on ``device`` (None for a full vocabulary)."""
+
+    def prefill(self, ids: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """ids ``int64 [P]`` (the prompt) and the target's post-norm hidden states ``[P, H]``: the
+        prompt becomes the stable context."""
+
+    def root(self, token: int, feature: torch.Tensor | None) -> torch.Tensor:
+        """Feeds the root (the token the target just produced, with the target's feature ``[H]`` before
+        it) as tree slot 0 -> next-token logits ``[V]``."""
+
+    def layer_logits(self, tokens: torch.Tensor, parent_slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Feeds a layer of n tree nodes (``tokens int64 [n]``, their parents' slots ``[n]``, ``visible
+        bool [n, n_tree + n]``: the tree slots each node sees, its ancestors and itself) -> logits
+        ``[n, V]``; the nodes take the next n slots."""
+
+    def commit(self, tokens: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Drops the tree except the root, then appends the accepted nodes ``int64 [a]`` as context
+        (for a head, each paired with the target feature ``[a, H]`` of its predecessor)."""
 
 
 class Draft(nn.Module):
-    """Common bookkeeping: stable length, tree slot count, the KV cache."""
+    """Common bookkeeping of our drafts (``DraftProtocol``): stable length, tree slot count, the KV cache."""
 
     needs_features = False
     vocab_ids: torch.Tensor | None = None  # restricted draft vocabulary (sorted token ids), None: all
@@ -67,7 +89,7 @@ class Draft(nn.Module):
 
     def _check_device(self, target) -> None:
         """The tree is grown on the draft's device and verified on the target's: they must be one."""
-        dev = target.get_output_embeddings().weight.device
+        dev = hf.device_of(target)
         own = next((p for p in self.parameters() if p is not None), None)
         if own is not None and own.device != dev:
             raise ValueError(f"the draft is on {own.device} but the target on {dev}; move the draft with .to({dev!s})")
@@ -85,7 +107,7 @@ class Draft(nn.Module):
     def check_target(self, target) -> None:
         """Raise ValueError naming the field when this draft cannot draft for ``target``."""
         self._check_device(target)
-        vocab = _target_vocab(target)
+        vocab = hf.vocab_size(target)
         mine = getattr(self, "vocab_size", vocab)
         if mine != vocab:
             raise ValueError(f"the draft's vocab_size {mine} differs from the target's ({vocab}); the draft must "
@@ -108,37 +130,21 @@ class EagleDraftHead(Draft):
 
     def __init__(self, config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
         super().__init__()
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
         cfg = self.head_config(config)
         self.config = cfg
         H = cfg.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=True)
-        self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
-        self.rotary = LlamaRotaryEmbedding(cfg)
+        self.layer, self.rotary, self._cache_kw = hf_layers.decoder_layer(cfg)
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         # lm_head rows of vocab_ids (refreshed by attach / restrict_vocab); buffers so .to() moves them
         self.register_buffer("_lm_rows", None, persistent=False)
         self.register_buffer("_lm_bias", None, persistent=False)
-        self._cache_kw = cache_kwarg(self.layer.forward)
 
     @staticmethod
     def head_config(config):
         """A one-layer Llama config with the target's widths, heads and RoPE (whatever its family)."""
-        from transformers import LlamaConfig
-
-        if isinstance(config, LlamaConfig) and config.num_hidden_layers == 1:
-            cfg = config
-        else:
-            keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                    "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_theta", "rope_scaling",
-                    "rope_parameters", "hidden_act")
-            fields = {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
-            cfg = LlamaConfig(**fields, num_hidden_layers=1)
-        cfg._attn_implementation = "sdpa"
-        return cfg
+        return hf_layers.head_config(config)
 
     @property
     def vocab_size(self) -> int:
@@ -147,22 +153,21 @@ class EagleDraftHead(Draft):
     def check_target(self, target, attached: bool = True) -> None:
         """The head's widths must be the target's; with ``attached`` it must share the target's
         embedding and LM head (``attach(target)``)."""
-        tc = _text_config(target)
+        tc = hf.text_config(target)
         if attached:
             self._check_device(target)
         for key in ("hidden_size", "vocab_size"):
             if getattr(tc, key) != getattr(self.config, key):
                 raise ValueError(f"the draft was built for a target with {key} {getattr(self.config, key)}, this "
                                  f"target has {getattr(tc, key)}")
-        if attached and (self.embed_tokens is not target.get_input_embeddings()
-                         or self.lm_head is not target.get_output_embeddings()):
+        if attached and (self.embed_tokens is not hf.token_embedding(target) or self.lm_head is not hf.lm_head(target)):
             raise ValueError("the draft head is not attached to this target (embed_tokens / lm_head are another "
                              "model's or missing); call head.attach(target)")
 
     def attach(self, target) -> "EagleDraftHead":
         """Share the target's (frozen) embedding and LM head."""
-        self.embed_tokens = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
+        self.embed_tokens = hf.token_embedding(target)
+        self.lm_head = hf.lm_head(target)
         return self.restrict_vocab(self.vocab_ids)
 
     def restrict_vocab(self, ids: torch.Tensor | None) -> "EagleDraftHead":
@@ -205,12 +210,10 @@ class EagleDraftHead(Draft):
         return out[0] if isinstance(out, tuple) else out
 
     def _run(self, tokens, features, visible):
-        from transformers import DynamicCache
-
         n = tokens.shape[-1]
         device = features.device
         if self.cache is None:
-            self.cache = DynamicCache()
+            self.cache = hf.new_cache()
         past = self.cache.get_seq_length()
         if visible is None:  # a causal chain appended to the context
             mask = torch.full((n, past + n), torch.finfo(features.dtype).min, dtype=features.dtype, device=device)
@@ -275,22 +278,15 @@ class EagleDraftHead(Draft):
         """Load a saved head; a head saved with a restricted vocabulary drafts over it unless
         ``full_vocab``."""
         from safetensors.torch import load_file
-        from transformers import LlamaConfig
 
         cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"no draft head at {path} (config.json missing)")
-        try:
-            with open(cfg_file) as f:
-                raw = json.load(f)
-        except ValueError as err:
-            raise ValueError(f"{cfg_file} is not valid JSON ({err})") from None
+        raw = read_config(path)
         if not isinstance(raw, dict) or raw.get("draft_type") != "eagle_head":
             raise ValueError(f"{cfg_file} does not describe an eagle_head draft")
         if not isinstance(raw.get("target_config"), dict):
             raise ValueError(f"{cfg_file}: no 'target_config' object (the widths of the target the head was trained for)")
         try:
-            head = cls(LlamaConfig.from_dict(raw["target_config"]))
+            head = cls(hf_layers.head_config_from_dict(raw["target_config"]))
         except (TypeError, ValueError, KeyError) as err:
             raise ValueError(f"{cfg_file}: 'target_config' is not a usable model config ({err})") from None
         weights = os.path.join(path, "model.safetensors")
@@ -323,31 +319,27 @@ class DraftLM(Draft):
     def __init__(self, model):
         super().__init__()
         self.model = model.eval()
-        self._cache_kw = cache_kwarg(model.forward)
+        self._runner = hf.CausalLMRunner(model)
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+        return self._runner.vocab_size
 
     def _run(self, tokens, visible):
-        from transformers import DynamicCache
-
         n = tokens.numel()
         if self.cache is None:
-            self.cache = DynamicCache()
+            self.cache = hf.new_cache()
         past = self.cache.get_seq_length()
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         if visible is None:
             mask = torch.full((n, past + n), torch.finfo(dtype).min, dtype=dtype, device=device)
             mask = torch.triu(mask, diagonal=past + 1)[None, None]
-            pos = torch.arange(past, past + n, device=device)[None]
+            pos = torch.arange(past, past + n, device=device)
         else:
             mask = _tree_mask(self.n_stable, visible, dtype, device)
-            pos = (self.n_stable + visible.sum(-1) - 1).to(device)[None]
-        out = self.model(input_ids=tokens.view(1, n).to(device), attention_mask=mask, position_ids=pos,
-                         use_cache=True, **{self._cache_kw: self.cache})
-        return out.logits[0].float()
+            pos = (self.n_stable + visible.sum(-1) - 1).to(device)
+        return self._runner.logits(tokens.view(n).to(device), mask, pos, self.cache)
 
     def prefill(self, ids: torch.Tensor, hidden=None) -> None:
         self.cache = None

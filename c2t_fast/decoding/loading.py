@@ -1,0 +1,38 @@
+"""Loading drafts and classifiers from command-line style specifications."""
+
+from __future__ import annotations
+
+import os
+
+from ..hf.loading import load_causal_lm
+
+DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                                 "draft_smollm2")
+
+
+def load_draft(spec: str | None, target, full_vocab: bool = False):
+    """A draft for ``target``: a directory written by EagleDraftHead.save_pretrained, a local HF causal LM
+    directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up).
+    ``full_vocab``: a head saved with a restricted draft vocabulary drafts over the whole vocabulary."""
+    from .drafts import DraftLM, EagleDraftHead, read_config
+
+    if spec is None:
+        if not os.path.isfile(os.path.join(DEFAULT_DRAFT_DIR, "config.json")):
+            raise FileNotFoundError(
+                "no default draft head is shipped with this build yet; pass --draft PATH (a head directory from "
+                "`c2t-fast train-draft`, or a local Hugging Face causal LM sharing the tokenizer) or --draft self "
+                "(the target as its own draft: lossless, but no speed-up)")
+        spec = DEFAULT_DRAFT_DIR
+    if spec == "self":
+        return DraftLM(target)
+    raw = read_config(spec)
+    if isinstance(raw, dict) and raw.get("draft_type") == "eagle_head":
+        return EagleDraftHead.from_pretrained(spec, target, full_vocab=full_vocab)
+    return DraftLM(load_causal_lm(spec))
+
+
+def load_classifier(spec: str | None):
+    """The classifier in directory ``spec`` (None: the shipped one)."""
+    from .classifier import C2TClassifier
+
+    return C2TClassifier.from_pretrained(spec)

@@ -1,0 +1,50 @@
+"""What a speculative run measured: accepted tokens and verified tokens per step, and where the time went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Metrics:
+    """tau: accepted draft tokens per step (bonus excluded); gamma: draft tokens verified (root excluded)."""
+
+    steps: int = 0
+    accepted: list = field(default_factory=list)
+    draft_tokens: list = field(default_factory=list)
+    new_tokens: int = 0
+    prefill_time: float = 0.0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    total_time: float = 0.0
+    baseline_time: float | None = None  # plain autoregressive decoding of the same tokens
+
+    @property
+    def tau(self) -> float:
+        return sum(self.accepted) / max(1, self.steps)
+
+    @property
+    def gamma(self) -> int:
+        return sum(self.draft_tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_time if self.total_time else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        return self.baseline_time / self.total_time if self.baseline_time and self.total_time else None
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "tau": round(self.tau, 4), "gamma": self.gamma,
+                "gamma_per_step": round(self.gamma / max(1, self.steps), 2), "new_tokens": self.new_tokens,
+                "draft_time_s": round(self.draft_time, 4), "verify_time_s": round(self.verify_time, 4),
+                "total_time_s": round(self.total_time, 4), "tokens_per_s": round(self.tokens_per_s, 2),
+                "baseline_time_s": None if self.baseline_time is None else round(self.baseline_time, 4),
+                "speedup": None if self.speedup is None else round(self.speedup, 3)}
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    metrics: Metrics

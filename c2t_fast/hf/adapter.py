@@ -1,0 +1,183 @@
+"""What c2t_fast needs to know about a transformers causal LM, in one place: its decoder and LM head,
+its KV cache, how it samples, its chat encoding and stop tokens, and its own ``generate()``.
+
+The layers above (``decoding``, ``training``, ``bench``) call a ``TargetAdapter`` and the functions
+here; none of them imports transformers. When transformers renames something (the cache argument did,
+twice), this module is the one that changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# End-of-turn tokens of the chat templates in use (ChatML, Llama-3, Phi-3); a chat reply stops there even
+# when the model's generation config names only the end-of-text token.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def cache_kwarg(fn) -> str:
+    """Name of the KV-cache argument of a transformers forward (it changed across versions)."""
+    params = inspect.signature(fn).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    return "past_key_values"
+
+
+def new_cache():
+    """An empty KV cache of the kind tree verification and ``compact_dynamic_cache`` work on."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def decoder_of(model) -> torch.nn.Module:
+    """The base decoder of a causal LM (the module whose output is the post-norm hidden state)."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return dec if isinstance(dec, torch.nn.Module) else getattr(model, "model", model)
+
+
+def text_config(model):
+    """The text model's config (multimodal wrappers keep it one level down)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def lm_head(model) -> torch.nn.Module:
+    """The output projection (hidden -> vocabulary logits)."""
+    return model.get_output_embeddings()
+
+
+def token_embedding(model) -> torch.nn.Module:
+    """The input token embedding."""
+    return model.get_input_embeddings()
+
+
+def vocab_size(model) -> int:
+    """Rows of the LM head: the ids a draft for ``model`` must cover."""
+    return lm_head(model).weight.shape[0]
+
+
+def device_of(model) -> torch.device:
+    """The device of the model's logits (its LM head)."""
+    return lm_head(model).weight.device
+
+
+def encode_chat(tokenizer, messages, add_generation_prompt: bool = True) -> torch.Tensor:
+    """Token ids ``int64 [n]`` of a chat: ``messages`` is one user turn (str) or a list of
+    ``{"role", "content"}`` dicts, encoded with the tokenizer's chat template; with
+    ``add_generation_prompt`` the assistant's turn is opened (a prompt), without it the conversation is
+    encoded as it stands (training text)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_tensors="pt", return_dict=True)
+    return enc["input_ids"][0]
+
+
+def chat_stop_ids(tokenizer) -> list[int]:
+    """The end-of-turn token ids this tokenizer knows (``<|im_end|>`` for SmolLM2), to stop a chat reply."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in _END_OF_TURN if t in vocab]
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The target's sampling distribution ``[n, V]`` from logits ``[..., V]``, processed exactly as
+    transformers' ``generate`` processes them (temperature, then top-k, then top-p)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    rows = logits.view(-1, logits.shape[-1])
+    return torch.softmax(procs(None, rows.clone()), -1)
+
+
+class TargetAdapter:
+    """One causal LM seen by the engine: batch-1 passes that return the post-norm hidden states and
+    fp32 logits, its cache, its end-of-sequence ids and context length, and its stock ``generate()``
+    for baselines. Holds no state between calls (the cache is the caller's)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = decoder_of(model)
+        self.lm_head = lm_head(model)
+        self._cache_kw = cache_kwarg(self.decoder.forward)
+        self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def eos_ids(self, eos_token_id=None) -> list[int]:
+        """``eos_token_id`` (int or list) if given, else the model's generation config's."""
+        eos = eos_token_id
+        if eos is None:
+            eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def new_cache(self):
+        return new_cache()
+
+    def forward(self, ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None,
+                tree_bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids ``int64 [n]`` appended to ``cache`` -> (hidden ``[n, H]``, logits fp32 ``[n, V]``).
+        ``position_ids [n]`` and ``tree_bits`` (ancestor bits ``int64 [n, ceil(n/64)]``) make it one tree
+        pass through the patched attention (``hf.attention.patch``)."""
+        kw = {self._cache_kw: cache}
+        if tree_bits is not None:
+            kw["c2t_tree_bits"] = tree_bits
+        out = self.decoder(input_ids=ids[None], position_ids=None if position_ids is None else position_ids[None],
+                           use_cache=True, **kw)
+        h = out.last_hidden_state[0]
+        return h, self.lm_head(h).float()
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Post-norm last hidden states ``[n, H]`` of ``ids int64 [n]`` (no cache kept)."""
+        return self.decoder(input_ids=ids[None]).last_hidden_state[0]
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, *, exact_length: bool = False, stop_ids=None,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 prompt_lookup_tokens: int = 0) -> torch.Tensor:
+        """New token ids ``[m]`` of the model's own ``generate()`` on ``ids int64 [n]`` (the baselines).
+
+        ``exact_length``: exactly ``max_new_tokens`` tokens (for timing the same number of tokens as a
+        speculative run); ``stop_ids``: ids that end the reply (None: the generation config's);
+        ``prompt_lookup_tokens > 0``: transformers' prompt-lookup assisted decoding."""
+        ids = ids.view(1, -1).to(self.device)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+        if exact_length:
+            kw.update(min_new_tokens=max_new_tokens, eos_token_id=None)
+        elif stop_ids is not None:
+            kw["eos_token_id"] = list(stop_ids) or None
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+        if prompt_lookup_tokens:
+            kw["prompt_lookup_num_tokens"] = prompt_lookup_tokens
+        with torch.no_grad():
+            out = self.model.generate(ids, **kw)
+        return out[0, ids.shape[1]:]
+
+
+class CausalLMRunner:
+    """A small causal LM driven with an explicit 4D mask and positions (``DraftLM``'s model)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self._cache_kw = cache_kwarg(model.forward)
+
+    @property
+    def vocab_size(self) -> int:
+        return vocab_size(self.model)
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """ids ``[n]``, additive mask ``[1, 1, n, past + n]``, positions ``[n]`` -> fp32 logits ``[n, V]``."""
+        out = self.model(input_ids=ids.view(1, -1), attention_mask=mask, position_ids=position_ids.view(1, -1),
+                         use_cache=True, **{self._cache_kw: cache})
+        return out.logits[0].float()
