@@ -11,6 +11,7 @@ import sys as _sys
 from .decoding.classifier import C2TClassifier, ClassifierConfig
 from .decoding.drafts import DraftLM, DraftProtocol, EagleDraftHead
 from .decoding.engine import Generation, SpeculativeGenerator
+from .decoding.front_door import generate
 from .decoding.loading import load_classifier, load_draft
 from .decoding.metrics import Metrics
 from .decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static, Strategy, strategy_from_name
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "C2T", "C2TClassifier", "Chain", "ChainC2T", "ClassifierConfig", "DraftLM", "DraftProtocol", "Eagle2",
-    "EagleDraftHead", "Generation", "Metrics", "SpeculativeGenerator", "Static", "Strategy", "Tree", "TreeBuffers",
+    "EagleDraftHead", "Generation", "generate", "Metrics", "SpeculativeGenerator", "Static", "Strategy", "Tree", "TreeBuffers",
     "Verdict", "build_tree", "compact_dynamic_cache", "compact_kv", "load_classifier", "load_draft", "load_target",
     "ops", "patch", "prune_tree", "reference", "rerank_tree", "strategy_from_name", "tree_attention", "unpatch",
     "verify_greedy", "verify_sample",

@@ -43,6 +43,7 @@ class BenchConfig:
     limit: int | None = None
     temperature: float = 0.0
     seed: int = 0
+    device: str = "auto"  # "auto": the GPU when there is one
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple]:
@@ -128,7 +129,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         if name not in STRATEGIES and name not in BASELINES:
             raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES) + list(BASELINES)}")
     runs = _runs(cfg.strategies, cfg.sweeps)
-    target, tok = load_target(cfg.target)
+    target, tok = load_target(cfg.target, device=cfg.device)
     adapter = TargetAdapter(target)
     needs_draft = any(n not in BASELINES for n in cfg.strategies)
     draft = load_draft(cfg.draft, target, cfg.draft_full_vocab) if needs_draft else None
@@ -167,7 +168,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar else None
     meta = {"prompts": cfg.prompts, "questions": len(prompts), "max_new_tokens": cfg.max_new_tokens,
             "temperature": cfg.temperature, "draft": cfg.draft, "classifier": cfg.classifier,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": str(adapter.device)}
     summary = {"meta": meta, "rows": rows}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -43,6 +43,11 @@ def _defaults(param: str) -> str:
     return ", ".join(f"{n} {strategy_parameters(n)[param]}" for n in STRATEGIES if param in strategy_parameters(n))
 
 
+def _add_device_flag(p):
+    p.add_argument("--device", default="auto", help="where the target and draft run: auto (the GPU when there is "
+                                                     "one), cpu, cuda, cuda:1, ...")
+
+
 def _add_strategy_flags(p):
     p.add_argument("--draft-full-vocab", action="store_true",
                    help="a head shipped with a restricted draft vocabulary drafts over all tokens instead")
@@ -72,7 +77,7 @@ def _generate(args) -> int:
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from .hf.loading import load_target
 
-    target, tok = load_target(args.target)
+    target, tok = load_target(args.target, device=args.device)
     ids = encode_chat(tok, args.prompt)
     stop = chat_stop_ids(tok)
     if args.strategy == "ar":
@@ -107,7 +112,7 @@ def _bench(args) -> int:
                       sweeps=parse_sweeps(args.sweep), params=_strategy_params(args), target=args.target,
                       draft=args.draft, draft_full_vocab=args.draft_full_vocab, classifier=args.classifier,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
-                      seed=args.seed)
+                      seed=args.seed, device=args.device)
     print(format_table(run_bench(cfg)["rows"]))
     return 0
 
@@ -128,7 +133,7 @@ def _collect_trees(args) -> int:
         from .training.sharegpt import first_turns
 
         texts = first_turns(args.sharegpt, args.limit or 100)
-    target, tok = load_target(args.target)
+    target, tok = load_target(args.target, device=args.device)
     draft = load_draft(args.draft, target, args.draft_full_vocab)
     meta = collect_trees(target, tok, draft, texts, args.out, top_k=args.top_k_tree or 10,
                          depth=args.depth if args.depth is not None else 10, max_new_tokens=args.max_new_tokens,
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-baseline", action="store_true", help="skip timing plain decoding for the speed-up")
     _add_strategy_flags(g)
+    _add_device_flag(g)
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="run strategies over an MT-bench style question file; tau-gamma table + plot")
@@ -212,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="sampling seed of the first question (then +1 each)")
     b.add_argument("--out", required=True)
     _add_strategy_flags(b)
+    _add_device_flag(b)
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("collect-trees", help="record full EAGLE-2 trees (P, H, d, accepted) for classifier training")
@@ -228,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--depth", type=int, default=None, help="default 10 (d_max 11, 1011-node trees)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--limit", type=int, default=None)
+    _add_device_flag(c)
     c.set_defaults(func=_collect_trees)
 
     d = sub.add_parser("train-draft", help="train an EAGLE draft head for the target on ShareGPT conversations")

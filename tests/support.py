@@ -43,12 +43,12 @@ def random_parents(T: int, kind: str, gen: torch.Generator) -> torch.Tensor:
 KINDS = ["chain", "star", "wide", "deep", "random"]
 
 
-def tiny_causal_lm(family: str, heads: int = 6, kv_heads: int = 2, seed: int = 0, vocab: int = 97):
+def tiny_causal_lm(family: str, heads: int = 6, kv_heads: int = 2, seed: int = 0, vocab: int = 97, layers: int = 2):
     """A randomly initialised decoder of the given HF family (fp32, eval)."""
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512)
     if family == "llama":
         cfg = transformers.LlamaConfig(**common)

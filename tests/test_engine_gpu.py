@@ -42,3 +42,24 @@ def test_engine_on_cuda_is_lossless(family, draft_kind, strategy):
     a = gen.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_p=0.9, seed=11).tokens
     b = gen.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_p=0.9, seed=11).tokens
     assert a == b and len(a) == 24 and all(0 <= t < 97 for t in a)
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_published_heads_and_the_generate_front_door_on_cuda(tmp_path, kind):
+    import c2t_fast
+    from c2t_fast.decoding.loading import load_draft
+    from test_hub_heads import write_eagle1, write_eagle3
+
+    target = tiny_causal_lm("llama", 6, 2, seed=1, layers=6).cuda()
+    (write_eagle1 if kind == "eagle1" else write_eagle3)(tmp_path / "h", target)
+    head = load_draft(str(tmp_path / "h"), target)  # on the target's device
+    ids = PROMPT.cuda()[None]
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
+                           eos_token_id=None, pad_token_id=0)
+    for name in ("chain", "eagle2", "c2t"):
+        gen = SpeculativeGenerator(target, head, _strategy(name), eos_token_id=[])
+        assert gen.generate(PROMPT, max_new_tokens=30).tokens == want[0, PROMPT.numel():].tolist()
+    plain = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0)
+    got = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0, custom_generate=c2t_fast.generate,
+                          draft=head, strategy=_strategy("c2t"))
+    assert got.tolist() == plain.tolist()

@@ -26,7 +26,7 @@ def read_config(path: str):
     """The parsed ``config.json`` of a draft directory (FileNotFoundError / ValueError naming the file)."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"draft {path!r}: no config.json")
+        raise FileNotFoundError(f"no draft head at {path!r} (no config.json)")
     try:
         with open(cfg_file) as f:
             return json.load(f)
@@ -128,13 +128,18 @@ class EagleDraftHead(Draft):
 
     needs_features = True
 
-    def __init__(self, config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
+    own_embedding = False  # True: the head has its own token embedding (some published EAGLE heads)
+
+    def __init__(self, config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None,
+                 input_norm: bool = True, fc_bias: bool = True):
         super().__init__()
         cfg = self.head_config(config)
         self.config = cfg
         H = cfg.hidden_size
-        self.fc = nn.Linear(2 * H, H, bias=True)
-        self.layer, self.rotary, self._cache_kw = hf_layers.decoder_layer(cfg)
+        # input_norm=False, fc_bias from the config: the published EAGLE-1/2 heads (decoding.hub_heads)
+        self.input_norm, self.fc_bias = input_norm, fc_bias
+        self.fc = nn.Linear(2 * H, H, bias=fc_bias)
+        self.layer, self.rotary, self._cache_kw = hf_layers.decoder_layer(cfg, input_norm=input_norm)
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         # lm_head rows of vocab_ids (refreshed by attach / restrict_vocab); buffers so .to() moves them
@@ -160,13 +165,15 @@ class EagleDraftHead(Draft):
             if getattr(tc, key) != getattr(self.config, key):
                 raise ValueError(f"the draft was built for a target with {key} {getattr(self.config, key)}, this "
                                  f"target has {getattr(tc, key)}")
-        if attached and (self.embed_tokens is not hf.token_embedding(target) or self.lm_head is not hf.lm_head(target)):
+        shares_embedding = self.own_embedding or self.embed_tokens is hf.token_embedding(target)
+        if attached and (not shares_embedding or self.lm_head is not hf.lm_head(target)):
             raise ValueError("the draft head is not attached to this target (embed_tokens / lm_head are another "
                              "model's or missing); call head.attach(target)")
 
     def attach(self, target) -> "EagleDraftHead":
         """Share the target's (frozen) embedding and LM head."""
-        self.embed_tokens = hf.token_embedding(target)
+        if not self.own_embedding:
+            self.embed_tokens = hf.token_embedding(target)
         self.lm_head = hf.lm_head(target)
         return self.restrict_vocab(self.vocab_ids)
 
@@ -265,13 +272,15 @@ class EagleDraftHead(Draft):
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
+        shared = ("lm_head.", "rotary.") if self.own_embedding else ("embed_tokens.", "lm_head.", "rotary.")
         state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))}
+                 if not k.startswith(shared)}
         if self.vocab_ids is not None:
             state["vocab_ids"] = self.vocab_ids.contiguous()
         save_file(state, os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump({"draft_type": "eagle_head", "target_config": self.config.to_dict()}, f, indent=2, default=str)
+            json.dump({"draft_type": "eagle_head", "target_config": self.config.to_dict(), "input_norm": self.input_norm,
+                       "fc_bias": self.fc_bias}, f, indent=2, default=str)
 
     @classmethod
     def from_pretrained(cls, path: str, target=None, full_vocab: bool = False) -> "EagleDraftHead":
@@ -286,7 +295,8 @@ class EagleDraftHead(Draft):
         if not isinstance(raw.get("target_config"), dict):
             raise ValueError(f"{cfg_file}: no 'target_config' object (the widths of the target the head was trained for)")
         try:
-            head = cls(hf_layers.head_config_from_dict(raw["target_config"]))
+            head = cls(hf_layers.head_config_from_dict(raw["target_config"]), input_norm=raw.get("input_norm", True),
+                       fc_bias=raw.get("fc_bias", True))
         except (TypeError, ValueError, KeyError) as err:
             raise ValueError(f"{cfg_file}: 'target_config' is not a usable model config ({err})") from None
         weights = os.path.join(path, "model.safetensors")
@@ -297,6 +307,8 @@ class EagleDraftHead(Draft):
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
         vocab_ids = state.pop("vocab_ids", None)
+        if "embed_tokens.weight" in state:  # a published head's own embedding, kept when it was converted
+            head.embed_tokens, head.own_embedding = nn.Embedding(*state["embed_tokens.weight"].shape), True
         missing, unexpected = head.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))]
         if bad or unexpected:

@@ -108,7 +108,8 @@ class SpeculativeGenerator:
         with torch.no_grad():
             t_start = time.perf_counter()
             cache = target.new_cache()
-            hidden, logits = target.forward(ids.to(device), cache)
+            features = getattr(self.draft, "feature_layers", None)  # EAGLE-3: fused target layers
+            hidden, logits = target.forward(ids.to(device), cache, feature_layers=features)
             if sample:
                 root = int(torch.multinomial(sampling_probs(logits[-1], temperature, top_k, top_p)[0].cpu(), 1,
                                              generator=gen))
@@ -134,7 +135,7 @@ class SpeculativeGenerator:
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 b = ops.build_tree(tree.parents, prefix)
-                hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits)
+                hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits, features)
                 if sample:
                     probs = sampling_probs(logits, temperature, top_k, top_p)
                     u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..hf.adapter import device_of
 from ..hf.loading import load_causal_lm
 
 DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
@@ -11,10 +12,16 @@ DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 
 def load_draft(spec: str | None, target, full_vocab: bool = False):
-    """A draft for ``target``: a directory written by EagleDraftHead.save_pretrained, a local HF causal LM
-    directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up).
+    """A draft for ``target`` (see ``_load_draft``), on the target's device."""
+    return _load_draft(spec, target, full_vocab).to(device_of(target))
+
+
+def _load_draft(spec: str | None, target, full_vocab: bool = False):
+    """A draft for ``target``: a directory written by EagleDraftHead.save_pretrained, a published EAGLE-1/2
+    or EAGLE-3 head (``decoding.hub_heads``), a local HF causal LM directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up).
     ``full_vocab``: a head saved with a restricted draft vocabulary drafts over the whole vocabulary."""
     from .drafts import DraftLM, EagleDraftHead, read_config
+    from .hub_heads import load_hub_head
 
     if spec is None:
         if not os.path.isfile(os.path.join(DEFAULT_DRAFT_DIR, "config.json")):
@@ -28,7 +35,8 @@ def load_draft(spec: str | None, target, full_vocab: bool = False):
     raw = read_config(spec)
     if isinstance(raw, dict) and raw.get("draft_type") == "eagle_head":
         return EagleDraftHead.from_pretrained(spec, target, full_vocab=full_vocab)
-    return DraftLM(load_causal_lm(spec))
+    head = load_hub_head(spec, target)  # a published EAGLE-1/2/3 head: never a causal LM with new weights
+    return head if head is not None else DraftLM(load_causal_lm(spec))
 
 
 def load_classifier(spec: str | None):

@@ -125,17 +125,30 @@ class TargetAdapter:
         return new_cache()
 
     def forward(self, ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None,
-                tree_bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids ``int64 [n]`` appended to ``cache`` -> (hidden ``[n, H]``, logits fp32 ``[n, V]``).
+                tree_bits: torch.Tensor | None = None, feature_layers: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids ``int64 [n]`` appended to ``cache`` -> (features, logits fp32 ``[n, V]``).
         ``position_ids [n]`` and ``tree_bits`` (ancestor bits ``int64 [n, ceil(n/64)]``) make it one tree
-        pass through the patched attention (``hf.attention.patch``)."""
+        pass through the patched attention (``hf.attention.patch``). Features: the post-norm last hidden
+        state ``[n, H]``, or with ``feature_layers`` the residual streams entering those decoder layers,
+        concatenated ``[n, len(feature_layers) * H]`` (EAGLE-3's fused features)."""
         kw = {self._cache_kw: cache}
         if tree_bits is not None:
             kw["c2t_tree_bits"] = tree_bits
-        out = self.decoder(input_ids=ids[None], position_ids=None if position_ids is None else position_ids[None],
-                           use_cache=True, **kw)
+        captured, hooks = {}, []
+        for i in feature_layers or ():
+            def grab(module, args, kwargs, i=i):
+                captured[i] = args[0] if args else kwargs["hidden_states"]
+            hooks.append(self.decoder.layers[i].register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            out = self.decoder(input_ids=ids[None], position_ids=None if position_ids is None else position_ids[None],
+                               use_cache=True, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
         h = out.last_hidden_state[0]
-        return h, self.lm_head(h).float()
+        feats = torch.cat([captured[i][0] for i in feature_layers], -1) if feature_layers else h
+        return feats, self.lm_head(h).float()
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Post-norm last hidden states ``[n, H]`` of ``ids int64 [n]`` (no cache kept)."""
@@ -181,3 +194,39 @@ class CausalLMRunner:
         out = self.model(input_ids=ids.view(1, -1), attention_mask=mask, position_ids=position_ids.view(1, -1),
                          use_cache=True, **{self._cache_kw: cache})
         return out.logits[0].float()
+
+
+# transformers adds these for the sampling settings the engine applies itself (sampling_probs)
+_SAMPLING_PROCESSORS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
+# and these stopping criteria for max_new_tokens / eos, which the engine honours itself
+_LENGTH_CRITERIA = {"MaxLengthCriteria", "MaxNewTokensCriteria", "EosTokenCriteria", "MaxTimeCriteria"}
+
+
+def generation_settings(generation_config, logits_processor, stopping_criteria, prompt_len: int) -> dict:
+    """What a ``generate()`` call asks of speculative decoding: ``max_new_tokens``, ``eos`` (list of ids),
+    ``temperature`` (0: greedy), ``top_k``, ``top_p``. Raises NotImplementedError naming whatever it asks
+    that lossless tree decoding here cannot do (beams, several sequences, other logits processors or
+    stopping criteria, a dict output)."""
+    gc = generation_config
+    refused = []
+    if getattr(gc, "num_beams", 1) not in (None, 1):
+        refused.append(f"num_beams={gc.num_beams}")
+    if getattr(gc, "num_return_sequences", 1) not in (None, 1):
+        refused.append(f"num_return_sequences={gc.num_return_sequences}")
+    if getattr(gc, "return_dict_in_generate", False):
+        refused.append("return_dict_in_generate=True")
+    others = sorted({type(p).__name__ for p in logits_processor or ()} - _SAMPLING_PROCESSORS)
+    if others:
+        refused.append(f"logits processors {others}")
+    stops = sorted({type(c).__name__ for c in stopping_criteria or ()} - _LENGTH_CRITERIA)
+    if stops:
+        refused.append(f"stopping criteria {stops}")
+    if refused:
+        raise NotImplementedError("c2t_fast.generate does not support " + ", ".join(refused) + " (batch-1 lossless "
+                                  "tree decoding with temperature / top-k / top-p sampling or greedy)")
+    sample = bool(getattr(gc, "do_sample", False))
+    eos = gc.eos_token_id
+    return {"max_new_tokens": int(gc.max_length) - prompt_len,
+            "eos": [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos],
+            "temperature": float(gc.temperature if gc.temperature is not None else 1.0) if sample else 0.0,
+            "top_k": int(gc.top_k or 0) if sample else 0, "top_p": float(gc.top_p or 1.0) if sample else 1.0}

@@ -3,6 +3,7 @@ target's widths, its decoder layer and rotary embedding."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .adapter import cache_kwarg
@@ -35,9 +36,57 @@ def head_config_from_dict(raw: dict):
     return head_config(LlamaConfig.from_dict(raw))
 
 
-def decoder_layer(cfg) -> tuple[nn.Module, nn.Module, str]:
-    """(decoder layer, rotary embedding, name of the layer's cache argument) for a ``head_config``."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+def decoder_layer(cfg, input_norm: bool = True) -> tuple[nn.Module, nn.Module, str]:
+    """(decoder layer, rotary embedding, name of the layer's cache argument) for a ``head_config``.
+    ``input_norm=False``: the layer's input RMSNorm is the identity (EAGLE-1/2's published heads)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     layer = LlamaDecoderLayer(cfg, layer_idx=0)
-    return layer, LlamaRotaryEmbedding(cfg), cache_kwarg(layer.forward)
+    if not input_norm:
+        layer.input_layernorm = nn.Identity()
+    return layer, rotary_embedding(cfg), cache_kwarg(layer.forward)
+
+
+def rotary_embedding(cfg) -> nn.Module:
+    """Llama RoPE for ``cfg``: ``rotary(x, position_ids) -> (cos, sin)``."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(cfg)
+
+
+def rms_norm(hidden_size: int, eps: float) -> nn.Module:
+    """The Llama RMSNorm (weights named ``weight``)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(hidden_size, eps=eps)
+
+
+class Eagle3MidLayer(nn.Module):
+    """EAGLE-3's decoder layer: attention reads ``[input_layernorm(token embedding); hidden_norm(hidden)]``
+    (q/k/v over 2H inputs), the residual is the hidden input, then the Llama MLP. Parameter names are
+    the published checkpoints' (``input_layernorm``, ``hidden_norm``, ``self_attn.{q,k,v,o}_proj``,
+    ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        base = LlamaDecoderLayer(cfg, layer_idx=0)
+        H, attn = cfg.hidden_size, base.self_attn
+        bias = getattr(cfg, "attention_bias", False)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(attn, name)
+            setattr(attn, name, nn.Linear(2 * H, old.out_features, bias=bias))
+        self.self_attn, self.mlp = attn, base.mlp
+        self.input_layernorm, self.post_attention_layernorm = base.input_layernorm, base.post_attention_layernorm
+        self.hidden_norm = rms_norm(H, cfg.rms_norm_eps)
+        self._cache_kw = cache_kwarg(attn.forward)
+
+    def forward(self, embeds, hidden, attention_mask, position_embeddings, cache=None):
+        """embeds, hidden ``[1, n, H]`` -> the layer's output ``[1, n, H]`` (before the head's final norm)."""
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], -1)
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        attn = self.self_attn(hidden_states=x, position_embeddings=position_embeddings,
+                              attention_mask=attention_mask, **kw)[0]
+        h = hidden + attn
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,60 @@
+"""``model.generate(..., custom_generate=c2t_fast.generate, draft=..., strategy=...)``: transformers
+prepares the inputs and the generation config, then hands the decoding loop to the engine.
+
+transformers 5.x forwards a callable ``custom_generate`` only the arguments its own sampling loop does
+not take, and ``streamer`` is one it takes (so it never arrives): pass a streamer as ``text_streamer=``
+through ``model.generate``. ``streamer=`` is accepted too, for a direct call with a ``generation_config``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hf.adapter import generation_settings
+from .engine import SpeculativeGenerator
+
+
+def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,
+             draft=None, strategy=None, text_streamer=None, seed: int | None = None, streamer=None,
+             **model_kwargs) -> torch.Tensor:
+    """The target's own output for ``input_ids int64 [1, n]``, decoded with token trees: greedy output
+    equals ``generate(do_sample=False)`` token for token; sampling follows the target's distribution
+    under the call's temperature / top-k / top-p. Returns ``[1, n + new]`` like ``generate``.
+
+    ``draft``: a ``DraftProtocol`` (``c2t_fast.load_draft``); ``strategy``: a ``Strategy``; ``seed``: the
+    sampling seed (default: drawn from torch's global generator, so ``torch.manual_seed`` repeats a run).
+    Refused with an error: batch > 1, padding, beams, several sequences, other logits processors or
+    stopping criteria."""
+    if draft is None or strategy is None:
+        raise ValueError("c2t_fast.generate needs draft=... (c2t_fast.load_draft) and strategy=... "
+                         "(e.g. c2t_fast.C2T(c2t_fast.load_classifier(None)))")
+    if generation_config is None:
+        generation_config = model.generation_config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"c2t_fast.generate decodes one sequence: input_ids must be [1, n], got {shape}")
+    s = generation_settings(generation_config, logits_processor, stopping_criteria, input_ids.shape[1])
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"c2t_fast.generate decodes one sequence: input_ids must be [1, n], got "
+                         f"{tuple(input_ids.shape)}")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise ValueError("c2t_fast.generate does not support padding (attention_mask has zeros)")
+    if s["max_new_tokens"] < 1:
+        return input_ids
+    if s["temperature"] > 0 and seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"])
+    out = streamer if text_streamer is None else text_streamer
+    if out is not None:
+        out.put(input_ids.cpu())  # the prompt first, as generate() does (skip_prompt relies on it)
+    tokens = []
+    for chunk in gen.stream(input_ids[0], s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
+                            top_k=s["top_k"], seed=seed):
+        tokens += chunk
+        if out is not None:
+            out.put(torch.tensor(chunk, dtype=torch.int64))
+    if out is not None:
+        out.end()
+    new = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, new], 1)

@@ -1,0 +1,258 @@
+"""Draft heads published on the Hugging Face hub, read from a local directory (no downloads).
+
+Layouts (the names SGLang's and vLLM's ``llama_eagle*.py`` loaders read; H = the head's hidden size,
+Ht = the target's):
+
+- **EAGLE-1/2** (``yuhuili/EAGLE-*``): ``config.json`` of a one-layer ``LlamaForCausalLM`` (``bias``:
+  fc bias, true when absent; ``qkv_bias``: q/k/v biases); weights ``fc.weight [H, 2H]`` (+ ``fc.bias``),
+  ``layers.0.self_attn.{q,k,v,o}_proj.weight``, ``layers.0.mlp.{gate,up,down}_proj.weight``,
+  ``layers.0.post_attention_layernorm.weight`` and no ``input_layernorm`` (the layer's input norm is
+  the identity), optional ``embed_tokens.weight [V, H]`` (else the target's); no final norm; the
+  target's LM head. Input feature: the target's post-norm last hidden state.
+- **EAGLE-3** (``yuhuili/EAGLE3-*``; the ``layers.0.*`` variant of vLLM's speculators format):
+  ``fc.weight [H, 3 Ht]`` (+ ``fc.bias`` when ``bias``), ``midlayer.*`` (or ``layers.0.*``) with
+  ``input_layernorm``, ``hidden_norm``, ``post_attention_layernorm``, ``self_attn.{q,k,v}_proj.weight
+  [., 2H]``, ``o_proj``, ``mlp.*``; ``norm.weight [H]``; ``lm_head.weight [draft_vocab, H]``; ``d2t
+  [draft_vocab]`` (target id = i + d2t[i]) and ``t2d [V]`` (bool); config fields ``draft_vocab_size``,
+  ``target_hidden_size``. Input feature: the residual stream entering target layers 2, N/2 and N-3
+  (``eagle_aux_hidden_state_layer_ids`` in the config overrides them).
+
+Weights are ``model.safetensors`` or ``pytorch_model.bin``; an optional ``model.`` prefix on every key is
+accepted. A head whose shapes do not fit the target, or whose files hold unknown or missing tensors, is
+refused with an error that names the field or the keys.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..hf import adapter as hf
+from ..hf import layers as hf_layers
+from .drafts import EagleDraftHead, read_config
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a head directory (safetensors preferred), keys without a ``model.`` prefix."""
+    for name in WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+
+                    state = load_file(file)
+                else:
+                    state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - safetensors / pickle raise their own types
+                raise ValueError(f"{file} is not a readable weights file ({err})") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"{file} does not hold a flat dict of tensors")
+            if state and all(k.startswith("model.") for k in state):
+                state = {k[len("model."):]: v for k, v in state.items()}
+            return state
+    raise FileNotFoundError(f"draft head {path!r}: no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def head_format(path: str) -> str | None:
+    """"eagle1" / "eagle3" for a published head's directory, None for anything else (a causal LM)."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+        return None
+    raw = read_config(path)
+    keys = read_weights(path).keys()
+    if "fc.weight" not in keys:
+        return None
+    eagle3 = (any(k.startswith("midlayer.") or ".hidden_norm." in k for k in keys) or "d2t" in keys
+              or (isinstance(raw, dict) and "draft_vocab_size" in raw))
+    return "eagle3" if eagle3 else "eagle1"
+
+
+def _check_shapes(state: dict, expected: dict, path: str, to_file=lambda key: key) -> None:
+    """Every expected tensor present with its shape and nothing else; errors name the file's keys."""
+    unknown = sorted(to_file(k) for k in set(state) - set(expected))
+    missing = sorted(to_file(k) for k in set(expected) - set(state))
+    if unknown or missing:
+        raise ValueError(f"draft head {path!r}: " + "; ".join(
+            x for x in (f"unknown tensors {unknown}" if unknown else "",
+                        f"missing tensors {missing}" if missing else "") if x))
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            raise ValueError(f"draft head {path!r}: {to_file(key)} has shape {tuple(state[key].shape)}, expected "
+                             f"{tuple(shape)} for this target")
+
+
+def _head_config(raw, path: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"draft head {path!r}: config.json is not an object")
+    try:
+        return hf_layers.head_config_from_dict({k: v for k, v in raw.items() if k != "architectures"})
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"draft head {path!r}: config.json is not a usable Llama config ({err})") from None
+
+
+def _check_width(cfg, target, path: str, field: str, mine: int, theirs: int) -> None:
+    if mine != theirs:
+        raise ValueError(f"draft head {path!r}: {field} is {mine} but the target's is {theirs}")
+
+
+def load_eagle1(path: str, target) -> EagleDraftHead:
+    """A published EAGLE-1/2 head, attached to ``target``."""
+    raw = read_config(path)
+    cfg = _head_config(raw, path)
+    tc = hf.text_config(target)
+    _check_width(cfg, target, path, "hidden_size", cfg.hidden_size, tc.hidden_size)
+    _check_width(cfg, target, path, "vocab_size", cfg.vocab_size, hf.vocab_size(target))
+    qkv_bias = bool(raw.get("qkv_bias", False))
+    cfg.attention_bias = qkv_bias
+    head = EagleDraftHead(cfg, input_norm=False, fc_bias=bool(raw.get("bias", True)))
+    if qkv_bias:  # EAGLE's o_proj has no bias; transformers' attention_bias gives it one: keep it zero
+        nn.init.zeros_(head.layer.self_attn.o_proj.bias)
+    state = {("layer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
+             for k, v in read_weights(path).items()}
+    if "embed_tokens.weight" in state:
+        head.embed_tokens, head.own_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size), True
+    expected = {k: v.shape for k, v in head.state_dict().items()
+                if not k.startswith(("rotary.", "lm_head.", "_lm_")) and k != "layer.self_attn.o_proj.bias"}
+    if not head.own_embedding:
+        expected = {k: v for k, v in expected.items() if not k.startswith("embed_tokens.")}
+    _check_shapes(state, expected, path, lambda k: "layers.0." + k[len("layer."):] if k.startswith("layer.") else k)
+    head.load_state_dict(state, strict=False)
+    return head.attach(target).eval()
+
+
+class Eagle3DraftHead(EagleDraftHead):
+    """EAGLE-3 head: ``fc`` fuses three target layers' features ``[3 Ht] -> [H]``; one ``Eagle3MidLayer``
+    over [normed token embedding; normed feature]; its own final norm and LM head over a draft vocabulary
+    of ``draft_vocab`` ids, mapped to target ids by ``d2t`` (``vocab_ids = arange + d2t``). A draft step
+    after the root feeds the head's own pre-norm output back as the feature (no ``fc``), as EAGLE-3 does.
+    The protocol (prefill, root, layer_logits, commit) is ``EagleDraftHead``'s; the engine gives it the
+    features of ``feature_layers``."""
+
+    def __init__(self, cfg, target_hidden: int, draft_vocab: int, feature_layers: tuple, fc_bias: bool = False):
+        nn.Module.__init__(self)
+        self.cache, self.n_stable, self.n_tree = None, 0, 0
+        self.config = cfg
+        self.input_norm, self.fc_bias = True, fc_bias
+        H = cfg.hidden_size
+        self.target_hidden, self.feature_layers = target_hidden, tuple(feature_layers)
+        self.fc = nn.Linear(3 * target_hidden, H, bias=fc_bias)
+        self.midlayer = hf_layers.Eagle3MidLayer(cfg)
+        self.norm = hf_layers.rms_norm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, draft_vocab, bias=False)
+        self.rotary = hf_layers.rotary_embedding(cfg)
+        self.embed_tokens = None
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.int64))
+        self.vocab_ids = None
+
+    def set_d2t(self, d2t: torch.Tensor) -> "Eagle3DraftHead":
+        """Draft id i is target id ``i + d2t[i]``; the identity map over the whole vocabulary is no map."""
+        self.d2t.copy_(d2t.to(torch.int64))
+        ids = torch.arange(d2t.numel()) + self.d2t.cpu()
+        V = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
+            raise ValueError(f"d2t maps draft ids outside [0, {V}) or onto one target id twice")
+        full = ids.numel() == V and bool((ids == torch.arange(V)).all())
+        self.vocab_ids = None if full else ids
+        return self
+
+    def check_target(self, target, attached: bool = True) -> None:
+        tc = hf.text_config(target)
+        if attached:
+            self._check_device(target)
+        if self.target_hidden != tc.hidden_size:
+            raise ValueError(f"the draft head's target_hidden_size is {self.target_hidden}, this target's hidden_size "
+                             f"is {tc.hidden_size}")
+        if self.config.vocab_size != hf.vocab_size(target):
+            raise ValueError(f"the draft head's vocab_size is {self.config.vocab_size}, this target's is "
+                             f"{hf.vocab_size(target)}")
+        n = tc.num_hidden_layers
+        if any(not 0 <= i < n for i in self.feature_layers):
+            raise ValueError(f"the draft head reads target layers {list(self.feature_layers)} "
+                             f"(eagle_aux_hidden_state_layer_ids) but the target has {n} layers")
+        if attached and not self.own_embedding and self.embed_tokens is not hf.token_embedding(target):
+            raise ValueError("the draft head is not attached to this target; call head.attach(target)")
+
+    def attach(self, target) -> "Eagle3DraftHead":
+        """Use the target's token embedding unless the head has its own (its LM head is always its own)."""
+        if not self.own_embedding:
+            self.embed_tokens = hf.token_embedding(target)
+        return self
+
+    def restrict_vocab(self, ids):
+        raise NotImplementedError("an EAGLE-3 head's draft vocabulary is fixed by its d2t map")
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(out)).float()
+
+    def features_forward(self, tokens, features, position_ids, mask, cache=None):
+        """tokens [1, n]; features [1, n, 3 Ht] from the target (fused by fc) or [1, n, H] from the head."""
+        dtype = self.fc.weight.dtype
+        embeds = self.embed_tokens(tokens).to(dtype)
+        hidden = self.fc(features.to(dtype)) if self._from_target else features.to(dtype)
+        pos_emb = self.rotary(hidden, position_ids)
+        return self.midlayer(embeds, hidden, mask, pos_emb, cache)
+
+    # the feature of a root / committed token comes from the target; of a tree node, from the head
+    _from_target = True
+
+    def root(self, token, feature):
+        self._from_target = True
+        return super().root(token, feature)
+
+    def layer_logits(self, tokens, parent_slots, visible):
+        self._from_target = False
+        try:
+            return super().layer_logits(tokens, parent_slots, visible)
+        finally:
+            self._from_target = True
+
+    def save_pretrained(self, path: str, dtype=None) -> None:
+        raise NotImplementedError("EAGLE-3 heads are read in their published layout; keep the original directory")
+
+
+def load_eagle3(path: str, target) -> Eagle3DraftHead:
+    """A published EAGLE-3 head (``midlayer.*`` or ``layers.0.*`` layout), attached to ``target``."""
+    raw = read_config(path)
+    cfg = _head_config(raw, path)
+    tc = hf.text_config(target)
+    Ht = int(raw.get("target_hidden_size") or cfg.hidden_size)
+    _check_width(cfg, target, path, "target_hidden_size", Ht, tc.hidden_size)
+    _check_width(cfg, target, path, "vocab_size", cfg.vocab_size, hf.vocab_size(target))
+    draft_vocab = int(raw.get("draft_vocab_size") or cfg.vocab_size)
+    n = tc.num_hidden_layers
+    layers = tuple(raw.get("eagle_aux_hidden_state_layer_ids") or (2, n // 2, n - 3))
+    state = read_weights(path)
+    prefix = "midlayer." if any(k.startswith("midlayer.") for k in state) else "layers.0."
+    state = {("midlayer." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    t2d = state.pop("t2d", None)
+    d2t = state.pop("d2t", None)
+    if t2d is not None and t2d.numel() != cfg.vocab_size:
+        raise ValueError(f"draft head {path!r}: t2d has {t2d.numel()} entries, expected vocab_size {cfg.vocab_size}")
+    head = Eagle3DraftHead(cfg, Ht, draft_vocab, layers, fc_bias="fc.bias" in state)
+    if "embed_tokens.weight" in state:
+        head.embed_tokens, head.own_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size), True
+    expected = {k: v.shape for k, v in head.state_dict().items() if not k.startswith("rotary.") and k != "d2t"}
+    _check_shapes(state, expected, path, lambda k: prefix + k[len("midlayer."):] if k.startswith("midlayer.") else k)
+    head.load_state_dict(state, strict=False)
+    if d2t is not None:
+        if d2t.numel() != draft_vocab:
+            raise ValueError(f"draft head {path!r}: d2t has {d2t.numel()} entries, expected draft_vocab_size "
+                             f"{draft_vocab}")
+        head.set_d2t(d2t)
+    elif draft_vocab != cfg.vocab_size:
+        raise ValueError(f"draft head {path!r}: draft_vocab_size {draft_vocab} < vocab_size {cfg.vocab_size} but no d2t")
+    head.check_target(target, attached=False)
+    return head.attach(target).eval()
+
+
+def load_hub_head(path: str, target):
+    """The published head in ``path`` (EAGLE-1/2 or EAGLE-3 layout), attached to ``target``; None when
+    the directory is not one (a causal LM or our own format)."""
+    fmt = head_format(path)
+    if fmt is None:
+        return None
+    return load_eagle3(path, target) if fmt == "eagle3" else load_eagle1(path, target)
