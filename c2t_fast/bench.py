@@ -17,6 +17,7 @@ import torch
 
 from .decoding.engine import SpeculativeGenerator
 from .decoding.loading import load_classifier, load_draft
+from .decoding.ngram import NgramLookup
 from .decoding.strategies import CLASSIFIER_STRATEGIES, STRATEGIES, Strategy, strategy_from_name, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
 from .hf.loading import load_target
@@ -44,6 +45,7 @@ class BenchConfig:
     temperature: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto": the GPU when there is one
+    ngram: tuple = (0,)  # n-gram branch lengths to run each strategy with (0: none)
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple]:
@@ -104,8 +106,9 @@ def make_strategy(name: str, classifier_path: str | None = None, params: dict | 
     return strategy_from_name(name, classifier=clf, **chosen)
 
 
-def _runs(names, sweeps) -> list[tuple[str, dict]]:
-    """(strategy, setting) pairs: each strategy at each distinct setting it takes; baselines once."""
+def _runs(names, sweeps, ngram=(0,)) -> list[tuple[str, dict]]:
+    """(strategy, setting) pairs: each strategy at each distinct setting it takes, each with and without
+    n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch); baselines once."""
     runs = []
     for name in names:
         if name in BASELINES:
@@ -116,7 +119,7 @@ def _runs(names, sweeps) -> list[tuple[str, dict]]:
             setting = {k: v for k, v in sweep.items() if k in own}
             if tuple(sorted(setting.items())) not in seen:
                 seen.add(tuple(sorted(setting.items())))
-                runs.append((name, setting))
+                runs += [(name, {**setting, "ngram": n} if n else setting) for n in ngram]
     return runs
 
 
@@ -128,7 +131,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for name in cfg.strategies:
         if name not in STRATEGIES and name not in BASELINES:
             raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES) + list(BASELINES)}")
-    runs = _runs(cfg.strategies, cfg.sweeps)
+    runs = _runs(cfg.strategies, cfg.sweeps, cfg.ngram)
     target, tok = load_target(cfg.target, device=cfg.device)
     adapter = TargetAdapter(target)
     needs_draft = any(n not in BASELINES for n in cfg.strategies)
@@ -141,7 +144,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         for name, setting in tqdm(runs, desc="settings", disable=not progress):
             if name not in BASELINES:
                 strategy = make_strategy(name, cfg.classifier, {**cfg.params, **setting})
-                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
+                ngram = NgramLookup(num_tokens=setting["ngram"]) if setting.get("ngram") else None
+                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram)
             tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0}
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,
                                                       disable=not progress)):

@@ -43,6 +43,16 @@ def _defaults(param: str) -> str:
     return ", ".join(f"{n} {strategy_parameters(n)[param]}" for n in STRATEGIES if param in strategy_parameters(n))
 
 
+def _add_ngram_flag(p, many: bool):
+    if many:
+        p.add_argument("--ngram", default="0", help="comma-separated n-gram branch lengths to run each strategy "
+                                                    "with (prompt lookup in the prompt and the reply; 0: none), "
+                                                    "e.g. 0,10 for the ablation")
+    else:
+        p.add_argument("--ngram", type=int, default=0, help="graft n-gram lookup continuations of up to this "
+                                                            "many tokens onto each tree (0: none)")
+
+
 def _add_device_flag(p):
     p.add_argument("--device", default="auto", help="where the target and draft run: auto (the GPU when there is "
                                                      "one), cpu, cuda, cuda:1, ...")
@@ -74,6 +84,7 @@ def _generate(args) -> int:
     from .decoding.engine import SpeculativeGenerator
     from .decoding.loading import load_draft
     from .decoding.metrics import Metrics
+    from .decoding.ngram import NgramLookup
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from .hf.loading import load_target
 
@@ -90,7 +101,8 @@ def _generate(args) -> int:
         return 0
     draft = load_draft(args.draft, target, args.draft_full_vocab)
     strategy = make_strategy(args.strategy, args.classifier, _strategy_params(args))
-    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop)
+    ngram = NgramLookup(num_tokens=args.ngram) if args.ngram else None
+    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram)
     m, tokens = Metrics(), []
     for chunk in gen.stream(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, metrics=m):
@@ -101,8 +113,19 @@ def _generate(args) -> int:
         m.baseline_time = gen.time_autoregressive(ids, len(tokens))
     s = m.summary()
     print(f"tau {s['tau']:.2f} | gamma {s['gamma']} ({s['gamma_per_step']}/step) | {s['tokens_per_s']} tokens/s"
+          + (f" | n-gram nodes {s['ngram_nodes']}" if args.ngram else "")
           + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else ""))
     return 0
+
+
+def _int_list(flag: str, text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"{flag} {text!r}: lengths must be >= 0")
+    return values
 
 
 def _bench(args) -> int:
@@ -112,7 +135,7 @@ def _bench(args) -> int:
                       sweeps=parse_sweeps(args.sweep), params=_strategy_params(args), target=args.target,
                       draft=args.draft, draft_full_vocab=args.draft_full_vocab, classifier=args.classifier,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, ngram=_int_list("--ngram", args.ngram))
     print(format_table(run_bench(cfg)["rows"]))
     return 0
 
@@ -199,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-baseline", action="store_true", help="skip timing plain decoding for the speed-up")
     _add_strategy_flags(g)
+    _add_ngram_flag(g, many=False)
     _add_device_flag(g)
     g.set_defaults(func=_generate)
 
@@ -218,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="sampling seed of the first question (then +1 each)")
     b.add_argument("--out", required=True)
     _add_strategy_flags(b)
+    _add_ngram_flag(b, many=True)
     _add_device_flag(b)
     b.set_defaults(func=_bench)
 

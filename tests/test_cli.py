@@ -43,9 +43,11 @@ def test_bench_writes_results_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "chain,eagle2,ar", "--sweep", "length=1,2",
                      "--sweep", "total_tokens=4", "--draft", "self", "--top-k-tree", "2", "--depth", "1",
-                     "--max-new-tokens", "8", "--out", str(out)]) == 0
+                     "--max-new-tokens", "8", "--ngram", "0,3", "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 2 and {r["strategy"] for r in rows} == {"chain", "eagle2", "ar"}
+    # chain at 2 lengths and eagle2 at 1 setting, each without and with 3-token n-gram branches, and ar
+    assert len(rows) == (2 * 2 + 2 + 1) * 2 and {r["strategy"] for r in rows} == {"chain", "eagle2", "ar"}
+    assert sum(r.get("ngram") == 3 for r in rows) == 3 * 2 and all("ngram_nodes" in r for r in rows if "tau" in r)
     summary = json.loads((out / "summary.json").read_text())["rows"]
     assert summary[-1]["strategy"] == "ar" and summary[-1]["speedup_vs_ar"] == 1.0 and summary[0]["speedup_vs_ar"] > 0
     assert (out / "tau_gamma.png").stat().st_size > 0 and "| chain |" in (out / "summary.md").read_text()

@@ -21,6 +21,7 @@ from ..hf.attention import check_supported, compact_dynamic_cache, patch
 from ..kernels import ops
 from .drafts import DraftProtocol
 from .metrics import Generation, Metrics
+from .ngram import NgramLookup, graft
 from .strategies import Strategy
 from .tree import TreeDrafter
 
@@ -37,13 +38,19 @@ class SpeculativeGenerator:
     draft: any ``DraftProtocol``: ``EagleDraftHead`` (attached to the target) or ``DraftLM``.
     strategy: one of ``decoding.strategies``. ``recorder``: an object with ``add_tree(P, H, d, label)``
     (``training.tree_dataset.TreeRecorder``) that receives (P, H, d, accepted) for every drafted node
-    of every step's full tree (classifier training data).
+    of every step's full tree (classifier training data). ``ngram``: an ``NgramLookup`` whose
+    continuations (prompt lookup in the prompt and the generated text) join each step's tree as extra
+    branches (``decoding.ngram``).
     """
 
     def __init__(self, target, draft: DraftProtocol, strategy: Strategy, eos_token_id=None, stop_token_ids=(),
-                 recorder=None):
+                 recorder=None, ngram: NgramLookup | None = None):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
+        if ngram is not None and not isinstance(ngram, NgramLookup):
+            raise TypeError(f"ngram must be a c2t_fast.decoding.ngram.NgramLookup or None, got {type(ngram).__name__}")
+        if ngram is not None and recorder is not None:
+            raise ValueError("record trees without n-gram branches: the classifier learns the draft's own nodes")
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a c2t_fast.decoding.strategies.Strategy, got {type(strategy).__name__}")
         if not isinstance(draft, DraftProtocol):
@@ -52,7 +59,7 @@ class SpeculativeGenerator:
             raise TypeError(f"draft must implement c2t_fast.decoding.drafts.DraftProtocol; {type(draft).__name__} "
                             f"lacks {', '.join(missing) or 'vocab_ids'}")
         draft.check_target(target)
-        self.target, self.draft, self.strategy, self.recorder = target, draft, strategy, recorder
+        self.target, self.draft, self.strategy, self.recorder, self.ngram = target, draft, strategy, recorder, ngram
         self.adapter = TargetAdapter(target)
         self.stop = set(self.adapter.eos_ids(eos_token_id)) | set(stop_token_ids)
         self.max_positions = self.adapter.max_positions
@@ -91,7 +98,7 @@ class SpeculativeGenerator:
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         ids = self._encode(prompt, tokenizer)
-        D = self.strategy.max_tree_depth
+        D = max(self.strategy.max_tree_depth, self.ngram.num_tokens if self.ngram else 0)
         # the last step's root sits at position prompt + max_new_tokens - 2 and its tree reaches D deeper
         if self.max_positions and ids.numel() + max_new_tokens + D - 1 > self.max_positions:
             raise ValueError(f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} + a tree of depth up "
@@ -119,6 +126,7 @@ class SpeculativeGenerator:
             root_feature = hidden[-1]
             m.prefill_time = time.perf_counter() - t_start
             m.new_tokens = 1
+            lookup = self.ngram.index(ids.tolist() + [root]) if self.ngram else None
             yield [root]
             if root in self.stop or max_new_tokens == 1:
                 m.total_time = time.perf_counter() - t_start
@@ -132,6 +140,9 @@ class SpeculativeGenerator:
                 t0 = time.perf_counter()
                 d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
                 tree = self.strategy.build(d)
+                if lookup is not None:
+                    tree, grafted = graft(tree, lookup.propose())
+                    m.ngram_nodes += grafted
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 b = ops.build_tree(tree.parents, prefix)
@@ -161,6 +172,8 @@ class SpeculativeGenerator:
                         break
                 m.new_tokens += len(out)
                 done = len(out) < len(emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
+                if lookup is not None:
+                    lookup.extend(out)
                 if not done:
                     self.draft.commit(accepted, hid[path[:-1]])
                     root, root_feature = emitted[-1], hid[path[-1]]

@@ -1,0 +1,94 @@
+"""Model-free tree branches: continuations found by n-gram lookup in the prompt and the text generated so
+far (what prompt lookup decoding does), grafted onto a step's draft tree at no draft cost.
+
+A branch is a chain of tokens from the root: where the draft tree already holds its first tokens the
+branch follows those nodes, and the rest hangs below as new nodes (never fed to the draft; the draft
+re-reads whatever is accepted at commit). Verification treats every node alike, and the acceptance
+rules never read where a candidate came from, so a grafted tree is exactly as lossless as any other
+(greedy: the target's own tokens; sampling: the target's distribution, siblings stay distinct).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import ops
+
+
+@dataclass
+class NgramLookup:
+    """``num_tokens``: the longest continuation grafted per step; the lookup key is the last
+    ``max_ngram`` tokens, shortened down to ``min_ngram`` until one occurred before. The most recent
+    earlier occurrence wins (recent text repeats more often than old)."""
+
+    num_tokens: int = 10
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def __post_init__(self):
+        for name in ("num_tokens", "max_ngram", "min_ngram"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NgramLookup.{name} must be an integer >= 1, got {value!r}")
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"NgramLookup.min_ngram {self.min_ngram} > max_ngram {self.max_ngram}")
+
+    def index(self, tokens) -> "NgramIndex":
+        """An index over ``tokens`` (the prompt) that ``extend`` keeps current as text is generated."""
+        return NgramIndex(self, tokens)
+
+
+class NgramIndex:
+    """For every n-gram (n in [min_ngram, max_ngram]) of the history, where its most recent occurrence
+    that has a continuation ends. Appending a token costs O(max_ngram); a lookup O(max_ngram)."""
+
+    def __init__(self, lookup: NgramLookup, tokens):
+        self.lookup = lookup
+        self.history: list[int] = []
+        self._ends: dict[tuple, int] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens) -> None:
+        h, lo, hi = self.history, self.lookup.min_ngram, self.lookup.max_ngram
+        for t in tokens:
+            j = len(h)  # the n-grams ending just before position j now have a continuation: token j
+            for n in range(lo, min(hi, j) + 1):
+                self._ends[tuple(h[j - n:j])] = j
+            h.append(int(t))
+
+    def propose(self) -> list[int]:
+        """The continuation of the longest recent n-gram match of the history's end (may be empty)."""
+        h, k = self.history, self.lookup.num_tokens
+        for n in range(min(self.lookup.max_ngram, len(h)), self.lookup.min_ngram - 1, -1):
+            start = self._ends.get(tuple(h[len(h) - n:]))
+            if start is not None:
+                return h[start:start + k]
+        return []
+
+
+def graft(tree: ops.Tree, chain: list[int]) -> tuple[ops.Tree, int]:
+    """``tree`` with the token chain hung from its root: existing nodes are followed while they match,
+    the rest is appended (in topological order, after every existing node). Returns (tree, nodes added).
+    The new nodes carry their parent's joint log-probability (nothing reads it after drafting)."""
+    if not chain:
+        return tree, 0
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()  # one host read of a small tree
+    child = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
+    node, new_tokens, new_parents = 0, [], []
+    for t in chain:
+        nxt = child.get((node, t)) if not new_tokens else None
+        if nxt is None:
+            new_tokens.append(t)
+            new_parents.append(node)
+            nxt = len(tokens) + len(new_tokens) - 1
+        node = nxt
+    if not new_tokens:
+        return tree, 0
+    dev = tree.tokens.device
+    par = torch.tensor(new_parents, dtype=torch.int32, device=dev)
+    # the new nodes form one chain below the attach point; each carries the attach point's logp
+    logp = torch.cat([tree.logp, tree.logp[new_parents[0]].expand(len(new_tokens))])
+    return ops.Tree(torch.cat([tree.tokens, torch.tensor(new_tokens, dtype=tree.tokens.dtype, device=dev)]),
+                    torch.cat([tree.parents, par]), logp), len(new_tokens)
