@@ -172,8 +172,13 @@ def _train_draft(args) -> int:
 
     target, tok = load_target(args.target)
     cache = args.cache or os.path.join(args.out, "feature_cache")
-    convs = sharegpt_conversations(limit=args.conversations)
-    meta = cache_hidden_states(target, encode_conversations(tok, convs, args.max_len), cache, args.token_budget)
+    if args.distilled:  # the target's own replies (c2t-fast distill-data)
+        from .training.distill import distilled_sequences
+
+        sequences = distilled_sequences(args.distilled, args.max_len)
+    else:
+        sequences = encode_conversations(tok, sharegpt_conversations(limit=args.conversations), args.max_len)
+    meta = cache_hidden_states(target, sequences, cache, args.token_budget)
     print(f"cached {meta['tokens']} tokens of {meta['sequences']} conversations in {cache}")
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
                            init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab,
@@ -182,6 +187,20 @@ def _train_draft(args) -> int:
     last = report["history"][-1] if report["history"] else {}
     print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
     print(f"wrote the draft head to {args.out} (use it with --draft {args.out})")
+    return 0
+
+
+def _distill_data(args) -> int:
+    from .hf.loading import load_target
+    from .training.distill import DistillConfig, distill
+
+    cfg = DistillConfig(start=args.start, conversations=args.conversations, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, sample_every=args.sample_every,
+                        temperature=args.temperature, seed=args.seed)
+    target, tok = load_target(args.target, device=args.device)
+    meta = distill(target, tok, args.out, cfg)
+    print(f"{meta['sequences']} sequences, {meta['tokens']} reply tokens at {meta.get('tokens_per_s', 0)} tokens/s "
+          f"in {args.out} (train on them: c2t-fast train-draft --distilled {args.out} --out DIR)")
     return 0
 
 
@@ -279,7 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--accumulate", type=int, default=4)
     d.add_argument("--save-every", type=int, default=50)
     d.add_argument("--warm-start", action="store_true", help="start the layer from the target's last layer")
+    d.add_argument("--distilled", default=None, metavar="DIR",
+                   help="train on the target's own replies from `c2t-fast distill-data` instead of ShareGPT text")
     d.set_defaults(func=_train_draft)
+
+    x = sub.add_parser("distill-data", help="the target's own replies to ShareGPT first turns, as token ids "
+                                            "(self-distilled draft training data; resumable)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--target", default="smollm2")
+    x.add_argument("--start", type=int, default=3000, help="first ShareGPT conversation (default 3000: clear of the "
+                                                           "shipped head's 0-2,200 and classifier's 7,000+)")
+    x.add_argument("--conversations", type=int, default=1000)
+    x.add_argument("--batch-size", type=int, default=8)
+    x.add_argument("--max-new-tokens", type=int, default=256)
+    x.add_argument("--sample-every", type=int, default=4, help="every n-th batch sampled, the rest greedy (0: all "
+                                                              "greedy)")
+    x.add_argument("--temperature", type=float, default=0.8)
+    x.add_argument("--seed", type=int, default=0)
+    _add_device_flag(x)
+    x.set_defaults(func=_distill_data)
     return p
 
 

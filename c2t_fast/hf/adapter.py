@@ -178,6 +178,30 @@ class TargetAdapter:
         return out[0, ids.shape[1]:]
 
 
+def generate_batch(model, prompts: list, max_new_tokens: int, pad_id: int, stop_ids=(), temperature: float = 0.0,
+                   top_p: float = 1.0) -> list:
+    """Replies (int64 ``[m_i]``, cut after the first stop id, which is kept) of the model's own
+    ``generate()`` to several prompts (int64 ``[n_i]``) at once, left-padded into one batch. Greedy at
+    ``temperature`` 0, else sampled (torch's global generator)."""
+    n = max(p.numel() for p in prompts)
+    dev = lm_head(model).weight.device
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), n, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, n - p.numel():], mask[i, n - p.numel():] = p, 1
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad_id,
+              eos_token_id=list(stop_ids) or None)
+    if temperature > 0:
+        kw.update(temperature=temperature, top_p=top_p, top_k=None)
+    with torch.no_grad():
+        out = model.generate(ids.to(dev), attention_mask=mask.to(dev), **kw)[:, n:].cpu()
+    replies, stops = [], set(stop_ids)
+    for row in out.tolist():
+        end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+        replies.append(torch.tensor(row[:end], dtype=torch.int64))
+    return replies
+
+
 class CausalLMRunner:
     """A small causal LM driven with an explicit 4D mask and positions (``DraftLM``'s model)."""
 

@@ -69,4 +69,9 @@ def first_turns(start: int, limit: int, max_chars: int = 2000) -> list[str]:
     from itertools import islice
 
     firsts = (msgs[0]["content"] for msgs in islice(sharegpt_conversations(), start, None))
-    return list(islice((t for t in firsts if len(t) <= max_chars), limit))
+    out = list(islice((t for t in firsts if len(t) <= max_chars), limit))
+    if not out:
+        total = sum(1 for _ in sharegpt_conversations())
+        raise ValueError(f"ShareGPT has no usable first turn from conversation {start} on (the packaged file holds "
+                         f"{total} whole conversations)")
+    return out

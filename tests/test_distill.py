@@ -1,0 +1,91 @@
+"""Self-distilled draft data: the target's own replies stored as token ids, resumable after an
+interruption with the same result, readable as training sequences, and the CLI stage."""
+
+import json
+
+import pytest
+import torch
+
+from c2t_fast.hf.adapter import encode_chat
+from c2t_fast.training import distill as distill_mod
+from c2t_fast.training.distill import DistillConfig, distill, distilled_sequences
+from support import load_smollm2
+
+PROMPTS = ["Say hello.", "Count to three.", "Name a colour.", "What is 2+2?", "Write a haiku about rain."]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
+    import transformers
+
+    tok = load_smollm2()[1]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("target")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok, path
+
+
+CFG = DistillConfig(conversations=5, batch_size=2, max_new_tokens=6, sample_every=2, temperature=0.9, seed=1)
+
+
+def test_replies_are_the_targets_own_and_stored_compactly(pair, tmp_path):
+    model, tok, _ = pair
+    meta = distill(model, tok, str(tmp_path), CFG, prompts=PROMPTS, progress=False)
+    assert meta["sequences"] == 5 and meta["dtype"] == "<u2" and meta["tokens_per_s"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "index.jsonl").read_text().splitlines()]
+    assert [r["sampled"] for r in rows] == [False, False, True, True, False]  # every 2nd batch sampled
+    assert (tmp_path / "tokens.bin").stat().st_size == 2 * sum(r["length"] for r in rows)
+    seqs = list(distilled_sequences(str(tmp_path)))
+    for prompt, row, seq in zip(PROMPTS, rows, seqs):
+        ids = encode_chat(tok, prompt)
+        assert seq[:row["prompt_len"]].tolist() == ids.tolist()
+        reply = seq[row["prompt_len"]:]
+        assert 1 <= reply.numel() <= 6 and meta["tokens"] >= reply.numel()
+        if not row["sampled"]:  # greedy batches: the model's own unbatched greedy reply
+            want = model.generate(ids[None], do_sample=False, max_new_tokens=6, pad_token_id=0)[0, ids.numel():]
+            assert reply.tolist() == want[:reply.numel()].tolist()
+    assert [s.numel() for s in distilled_sequences(str(tmp_path), max_len=10)] == [min(10, s.numel()) for s in seqs]
+
+
+def test_an_interrupted_run_resumes_to_the_same_data(pair, tmp_path, monkeypatch):
+    model, tok, _ = pair
+    distill(model, tok, str(tmp_path / "whole"), CFG, prompts=PROMPTS, progress=False)
+    real, calls = distill_mod.generate_batch, {"n": 0}
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "generate_batch", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, tok, str(tmp_path / "resumed"), CFG, prompts=PROMPTS, progress=False)
+    assert json.loads((tmp_path / "resumed" / "meta.json").read_text())["sequences"] == 4
+    (tmp_path / "resumed" / "index.jsonl").open("a").write('{"half": "written"}\n')  # a torn write
+    monkeypatch.setattr(distill_mod, "generate_batch", real)
+    distill(model, tok, str(tmp_path / "resumed"), CFG, prompts=PROMPTS, progress=False)
+    for name in ("tokens.bin", "index.jsonl"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    with pytest.raises(ValueError, match="other settings"):
+        distill(model, tok, str(tmp_path / "resumed"), DistillConfig(conversations=5, batch_size=3), prompts=PROMPTS)
+
+
+def test_the_cli_stage_and_training_on_it(pair, tmp_path, capsys):
+    from c2t_fast import cli
+    from c2t_fast.training.draft_head import cache_hidden_states
+
+    model, _, path = pair
+    assert cli.main(["distill-data", "--target", str(path), "--out", str(tmp_path / "d"), "--conversations", "2",
+                     "--batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert "2 sequences" in capsys.readouterr().out
+    meta = cache_hidden_states(model, distilled_sequences(str(tmp_path / "d")), str(tmp_path / "cache"), 10_000,
+                               progress=False)
+    assert meta["sequences"] == 2
+    with pytest.raises(ValueError, match="conversations must be >= 1"):
+        DistillConfig(conversations=0).validate()
