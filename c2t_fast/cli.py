@@ -207,7 +207,8 @@ def _distill_data(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .decoding.strategies import STRATEGIES
 
-    p = argparse.ArgumentParser(prog="c2t-fast", description=__doc__)
+    p = argparse.ArgumentParser(prog="c2t-fast", description="Lossless speculative decoding with classifier-pruned "
+                                "token trees (C2T): generate, benchmark, and train the draft head and classifier.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", help="train the C2T classifier on a tree dataset")
     t.add_argument("--data", required=True, help="tree-dataset directory (TreeRecorder output)")
