@@ -62,8 +62,10 @@ def head_format(path: str) -> str | None:
     """"eagle1" / "eagle3" for a published head's directory, None for anything else (a causal LM)."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
         return None
-    raw = read_config(path)
-    keys = read_weights(path).keys()
+    return _format_of(read_config(path), read_weights(path).keys())
+
+
+def _format_of(raw, keys) -> str | None:
     if "fc.weight" not in keys:
         return None
     eagle3 = (any(k.startswith("midlayer.") or ".hidden_norm." in k for k in keys) or "d2t" in keys
@@ -99,8 +101,8 @@ def _check_width(cfg, target, path: str, field: str, mine: int, theirs: int) -> 
         raise ValueError(f"draft head {path!r}: {field} is {mine} but the target's is {theirs}")
 
 
-def load_eagle1(path: str, target) -> EagleDraftHead:
-    """A published EAGLE-1/2 head, attached to ``target``."""
+def load_eagle1(path: str, target, state: dict | None = None) -> EagleDraftHead:
+    """A published EAGLE-1/2 head, attached to ``target`` (``state``: its weights, if already read)."""
     raw = read_config(path)
     cfg = _head_config(raw, path)
     tc = hf.text_config(target)
@@ -112,7 +114,7 @@ def load_eagle1(path: str, target) -> EagleDraftHead:
     if qkv_bias:  # EAGLE's o_proj has no bias; transformers' attention_bias gives it one: keep it zero
         nn.init.zeros_(head.layer.self_attn.o_proj.bias)
     state = {("layer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
-             for k, v in read_weights(path).items()}
+             for k, v in (state if state is not None else read_weights(path)).items()}
     if "embed_tokens.weight" in state:
         head.embed_tokens, head.own_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size), True
     expected = {k: v.shape for k, v in head.state_dict().items()
@@ -128,7 +130,8 @@ class Eagle3DraftHead(EagleDraftHead):
     """EAGLE-3 head: ``fc`` fuses three target layers' features ``[3 Ht] -> [H]``; one ``Eagle3MidLayer``
     over [normed token embedding; normed feature]; its own final norm and LM head over a draft vocabulary
     of ``draft_vocab`` ids, mapped to target ids by ``d2t`` (``vocab_ids = arange + d2t``). A draft step
-    after the root feeds the head's own pre-norm output back as the feature (no ``fc``), as EAGLE-3 does.
+    after the root feeds the head's own pre-norm output back as the feature (no ``fc``), as EAGLE-3 does;
+    the feature's width (3 Ht or H) says which it is, as in SGLang's loader.
     The protocol (prefill, root, layer_logits, commit) is ``EagleDraftHead``'s; the engine gives it the
     features of ``feature_layers``."""
 
@@ -138,6 +141,9 @@ class Eagle3DraftHead(EagleDraftHead):
         self.config = cfg
         self.input_norm, self.fc_bias = True, fc_bias
         H = cfg.hidden_size
+        if 3 * target_hidden == cfg.hidden_size:  # the feature's width tells target features from the head's own
+            raise ValueError(f"an EAGLE-3 head with hidden_size {cfg.hidden_size} = 3 x target_hidden_size is not "
+                             "supported")
         self.target_hidden, self.feature_layers = target_hidden, tuple(feature_layers)
         self.fc = nn.Linear(3 * target_hidden, H, bias=fc_bias)
         self.midlayer = hf_layers.Eagle3MidLayer(cfg)
@@ -192,30 +198,18 @@ class Eagle3DraftHead(EagleDraftHead):
         """tokens [1, n]; features [1, n, 3 Ht] from the target (fused by fc) or [1, n, H] from the head."""
         dtype = self.fc.weight.dtype
         embeds = self.embed_tokens(tokens).to(dtype)
-        hidden = self.fc(features.to(dtype)) if self._from_target else features.to(dtype)
+        from_target = features.shape[-1] == 3 * self.target_hidden  # else the head's own output [H]
+        hidden = self.fc(features.to(dtype)) if from_target else features.to(dtype)
         pos_emb = self.rotary(hidden, position_ids)
         return self.midlayer(embeds, hidden, mask, pos_emb, cache)
-
-    # the feature of a root / committed token comes from the target; of a tree node, from the head
-    _from_target = True
-
-    def root(self, token, feature):
-        self._from_target = True
-        return super().root(token, feature)
-
-    def layer_logits(self, tokens, parent_slots, visible):
-        self._from_target = False
-        try:
-            return super().layer_logits(tokens, parent_slots, visible)
-        finally:
-            self._from_target = True
 
     def save_pretrained(self, path: str, dtype=None) -> None:
         raise NotImplementedError("EAGLE-3 heads are read in their published layout; keep the original directory")
 
 
-def load_eagle3(path: str, target) -> Eagle3DraftHead:
-    """A published EAGLE-3 head (``midlayer.*`` or ``layers.0.*`` layout), attached to ``target``."""
+def load_eagle3(path: str, target, state: dict | None = None) -> Eagle3DraftHead:
+    """A published EAGLE-3 head (``midlayer.*`` or ``layers.0.*`` layout), attached to ``target``
+    (``state``: its weights, if already read)."""
     raw = read_config(path)
     cfg = _head_config(raw, path)
     tc = hf.text_config(target)
@@ -225,7 +219,7 @@ def load_eagle3(path: str, target) -> Eagle3DraftHead:
     draft_vocab = int(raw.get("draft_vocab_size") or cfg.vocab_size)
     n = tc.num_hidden_layers
     layers = tuple(raw.get("eagle_aux_hidden_state_layer_ids") or (2, n // 2, n - 3))
-    state = read_weights(path)
+    state = dict(state) if state is not None else read_weights(path)
     prefix = "midlayer." if any(k.startswith("midlayer.") for k in state) else "layers.0."
     state = {("midlayer." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
     t2d = state.pop("t2d", None)
@@ -252,7 +246,10 @@ def load_eagle3(path: str, target) -> Eagle3DraftHead:
 def load_hub_head(path: str, target):
     """The published head in ``path`` (EAGLE-1/2 or EAGLE-3 layout), attached to ``target``; None when
     the directory is not one (a causal LM or our own format)."""
-    fmt = head_format(path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+        return None
+    state = read_weights(path)  # once: a real head's file is hundreds of MB
+    fmt = _format_of(read_config(path), state.keys())
     if fmt is None:
         return None
-    return load_eagle3(path, target) if fmt == "eagle3" else load_eagle1(path, target)
+    return (load_eagle3 if fmt == "eagle3" else load_eagle1)(path, target, state)

@@ -87,8 +87,9 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
     # The files are cut back to the last recorded batch first: a batch interrupted mid-write is redone.
     tokens_file, index_file = os.path.join(out_dir, "tokens.bin"), os.path.join(out_dir, "index.jsonl")
     width = np.dtype(dtype).itemsize
+    offset = _recorded_tokens(index_file, meta["sequences"])  # read once; kept current below
     with open(tokens_file, "ab") as f:
-        f.truncate(_recorded_tokens(index_file, meta["sequences"]) * width)
+        f.truncate(offset * width)
     _truncate_lines(index_file, meta["sequences"])
     while done < len(prompts):
         batch_no = done // cfg.batch_size
@@ -100,7 +101,6 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
         replies = generate_batch(target, ids, cfg.max_new_tokens, pad, stop,
                                  temperature=cfg.temperature if sampled else 0.0, top_p=cfg.top_p)
         meta["generate_s"] += time.perf_counter() - t
-        offset = _recorded_tokens(index_file, meta["sequences"])
         with open(tokens_file, "ab") as tf, open(index_file, "a") as jf:
             for k, (p, r) in enumerate(zip(ids, replies)):
                 seq = torch.cat([p, r]).numpy().astype(dtype)
