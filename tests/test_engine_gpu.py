@@ -8,6 +8,7 @@ import torch
 from c2t_fast import ops
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.decoding.ngram import NgramLookup
 from support import tiny_causal_lm, tiny_strategies
 
 pytestmark = pytest.mark.gpu
@@ -59,6 +60,9 @@ def test_published_heads_and_the_generate_front_door_on_cuda(tmp_path, kind):
     for name in ("chain", "eagle2", "c2t"):
         gen = SpeculativeGenerator(target, head, _strategy(name), eos_token_id=[])
         assert gen.generate(PROMPT, max_new_tokens=30).tokens == want[0, PROMPT.numel():].tolist()
+    # n-gram branches grafted onto the tree on the GPU (decoding/ngram.py builds them on the tree's device)
+    gen = SpeculativeGenerator(target, head, _strategy("c2t"), eos_token_id=[], ngram=NgramLookup(num_tokens=4))
+    assert gen.generate(PROMPT, max_new_tokens=30).tokens == want[0, PROMPT.numel():].tolist()
     plain = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0)
     got = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0, custom_generate=c2t_fast.generate,
                           draft=head, strategy=_strategy("c2t"))
