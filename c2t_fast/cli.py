@@ -166,24 +166,41 @@ def _collect_trees(args) -> int:
 
 
 def _train_draft(args) -> int:
+    from .hf.adapter import text_config, vocab_size
     from .hf.loading import load_target
     from .training.draft_head import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
     from .training.sharegpt import sharegpt_conversations
 
     target, tok = load_target(args.target)
     cache = args.cache or os.path.join(args.out, "feature_cache")
-    if args.distilled:  # the target's own replies (c2t-fast distill-data)
+    if args.distilled:  # the target's own replies (c2t-fast distill-data): trained on the reply, the prompt is context
         from .training.distill import distilled_sequences
 
-        sequences = distilled_sequences(args.distilled, args.max_len)
+        sequences = distilled_sequences(args.distilled, args.max_len, with_loss_from=True)
     else:
         sequences = encode_conversations(tok, sharegpt_conversations(limit=args.conversations), args.max_len)
-    meta = cache_hidden_states(target, sequences, cache, args.token_budget)
-    print(f"cached {meta['tokens']} tokens of {meta['sequences']} conversations in {cache}")
-    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
-                           init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab,
-                           draft_vocab=not args.no_draft_vocab)
-    report = train_draft(target, cache, args.out, cfg)
+    layers = None
+    if args.head == "eagle3":
+        from .decoding.hub_heads import eagle3_feature_layers
+
+        layers = eagle3_feature_layers(text_config(target).num_hidden_layers)
+    elif os.path.isfile(os.path.join(cache, "meta.json")):  # an EAGLE-3 cache serves an EAGLE-1 head too
+        with open(os.path.join(cache, "meta.json")) as f:
+            layers = json.load(f).get("feature_layers")
+    meta = cache_hidden_states(target, sequences, cache, args.token_budget, feature_layers=layers)
+    print(f"cached {meta['tokens']} tokens of {meta['sequences']} sequences in {cache}")
+    if args.head == "eagle3":
+        from .training.eagle3_head import Eagle3TrainConfig, train_eagle3
+
+        cfg = Eagle3TrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
+                                steps=args.ttt_steps, draft_vocab=args.loss_vocab or vocab_size(target),
+                                val_fraction=args.held_out, eval_every=args.eval_every)
+        report = train_eagle3(target, cache, args.out, cfg)
+    else:
+        cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
+                               init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab,
+                               draft_vocab=not args.no_draft_vocab, val_fraction=args.held_out)
+        report = train_draft(target, cache, args.out, cfg)
     last = report["history"][-1] if report["history"] else {}
     print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
     print(f"wrote the draft head to {args.out} (use it with --draft {args.out})")
@@ -196,7 +213,7 @@ def _distill_data(args) -> int:
 
     cfg = DistillConfig(start=args.start, conversations=args.conversations, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, sample_every=args.sample_every,
-                        temperature=args.temperature, seed=args.seed)
+                        temperature=args.temperature, max_prompt_chars=args.max_prompt_chars, seed=args.seed)
     target, tok = load_target(args.target, device=args.device)
     meta = distill(target, tok, args.out, cfg)
     print(f"{meta['sequences']} sequences, {meta['tokens']} reply tokens at {meta.get('tokens_per_s', 0)} tokens/s "
@@ -283,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flag(c)
     c.set_defaults(func=_collect_trees)
 
-    d = sub.add_parser("train-draft", help="train an EAGLE draft head for the target on ShareGPT conversations")
+    d = sub.add_parser("train-draft", help="train an EAGLE draft head for the target on ShareGPT conversations "
+                                           "or on its own replies (--distilled)")
     d.add_argument("--out", required=True, help="output directory (the head, report.json, training.png)")
+    d.add_argument("--head", choices=("eagle1", "eagle3"), default="eagle1",
+                   help="eagle1: fc over [token; last hidden state], feature regression + token CE; eagle3: fc over "
+                        "three target layers, own LM head over the draft vocabulary, training-time test")
     d.add_argument("--target", default="smollm2")
     d.add_argument("--cache", default=None, help="feature cache directory (default: OUT/feature_cache)")
     d.add_argument("--conversations", type=int, default=None, help="use the first N ShareGPT conversations")
@@ -293,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=2)
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--weight-cls", type=float, default=0.1, help="weight of the token CE (EAGLE-1: 0.1)")
-    d.add_argument("--loss-vocab", type=int, default=8192, help="token ids in the training CE (0: all)")
+    d.add_argument("--loss-vocab", type=int, default=8192, help="token ids in the training CE and the head's draft "
+                                                               "vocabulary (0: all)")
+    d.add_argument("--ttt-steps", type=int, default=3, help="eagle3: training-time test unroll (steps weighted 0.8^i)")
+    d.add_argument("--eval-every", type=int, default=0, help="eagle3: optimizer steps between held-out acceptance "
+                                                             "figures (the acceptance vs training tokens curve)")
+    d.add_argument("--held-out", type=float, default=0.05, help="share of the cached sequences held out for the "
+                                                               "validation figures")
     d.add_argument("--no-draft-vocab", action="store_true",
                    help="do not restrict the head's inference vocabulary to the loss vocabulary")
     d.add_argument("--accumulate", type=int, default=4)
@@ -315,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--sample-every", type=int, default=4, help="every n-th batch sampled, the rest greedy (0: all "
                                                               "greedy)")
     x.add_argument("--temperature", type=float, default=0.8)
+    x.add_argument("--max-prompt-chars", type=int, default=2000, help="skip longer first turns (a long paste makes "
+                                                                     "a slow prefill for the whole batch)")
     x.add_argument("--seed", type=int, default=0)
     _add_device_flag(x)
     x.set_defaults(func=_distill_data)

@@ -155,9 +155,9 @@ def test_restricted_evaluation_over_the_whole_vocabulary_matches_the_full_one(tm
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     cache = str(tmp_path / "cache")
     cache_hidden_states(target, _sequences(4, torch.Generator().manual_seed(1)), cache, 96, progress=False)
-    from c2t_fast.training.draft_head import _load_shards
+    from c2t_fast.training.draft_head import load_cached
 
-    data = _load_shards(cache)
+    data = load_cached(cache)
     head = _head(target)
     full = evaluate_draft(head, data)
     everything = evaluate_draft(head, data, torch.arange(V))

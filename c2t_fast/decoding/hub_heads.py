@@ -24,6 +24,7 @@ refused with an error that names the field or the keys.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -34,6 +35,12 @@ from ..hf import layers as hf_layers
 from .drafts import EagleDraftHead, read_config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def eagle3_feature_layers(num_hidden_layers: int) -> tuple[int, int, int]:
+    """The target layers whose input residual streams EAGLE-3 fuses: low, middle, high (2, N/2, N-3)."""
+    n = num_hidden_layers
+    return (2, n // 2, n - 3)
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -203,8 +210,36 @@ class Eagle3DraftHead(EagleDraftHead):
         pos_emb = self.rotary(hidden, position_ids)
         return self.midlayer(embeds, hidden, mask, pos_emb, cache)
 
-    def save_pretrained(self, path: str, dtype=None) -> None:
-        raise NotImplementedError("EAGLE-3 heads are read in their published layout; keep the original directory")
+    def t2d_mask(self) -> torch.Tensor:
+        """bool ``[V]`` on the head's device: which target ids the head can draft."""
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.d2t.device)
+        mask[self.vocab_ids_or_all().to(self.d2t.device)] = True
+        return mask
+
+    def vocab_ids_or_all(self) -> torch.Tensor:
+        """The target id of every draft column (int64 ``[draft_vocab]``, on the head's device)."""
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """The published EAGLE-3 layout (``midlayer.*``, ``d2t``/``t2d``, a Llama config with
+        ``draft_vocab_size``, ``target_hidden_size``, ``eagle_aux_hidden_state_layer_ids``) plus
+        ``draft_type: "eagle3"``: readable by ``load_eagle3`` here and by EAGLE-3 loaders elsewhere.
+        The target's token embedding is not stored unless the head has its own."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        skip = ("rotary.", "d2t") if self.own_embedding else ("rotary.", "d2t", "embed_tokens.")
+        state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith(skip)}
+        state["d2t"] = self.d2t.detach().cpu().contiguous()
+        state["t2d"] = self.t2d_mask().cpu().contiguous()
+        save_file(state, os.path.join(path, "model.safetensors"))
+        cfg = self.config.to_dict()
+        cfg.update(architectures=["LlamaForCausalLMEagle3"], draft_type="eagle3", bias=self.fc_bias,
+                   draft_vocab_size=self.d2t.numel(), target_hidden_size=self.target_hidden,
+                   eagle_aux_hidden_state_layer_ids=list(self.feature_layers))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, default=str)
 
 
 def load_eagle3(path: str, target, state: dict | None = None) -> Eagle3DraftHead:
@@ -218,7 +253,7 @@ def load_eagle3(path: str, target, state: dict | None = None) -> Eagle3DraftHead
     _check_width(cfg, target, path, "vocab_size", cfg.vocab_size, hf.vocab_size(target))
     draft_vocab = int(raw.get("draft_vocab_size") or cfg.vocab_size)
     n = tc.num_hidden_layers
-    layers = tuple(raw.get("eagle_aux_hidden_state_layer_ids") or (2, n // 2, n - 3))
+    layers = tuple(raw.get("eagle_aux_hidden_state_layer_ids") or eagle3_feature_layers(n))
     state = dict(state) if state is not None else read_weights(path)
     prefix = "midlayer." if any(k.startswith("midlayer.") for k in state) else "layers.0."
     state = {("midlayer." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}

@@ -50,6 +50,11 @@ def lm_head(model) -> torch.nn.Module:
     return model.get_output_embeddings()
 
 
+def final_norm(model) -> torch.nn.Module | None:
+    """The decoder's final norm (applied before the LM head), None when the model has none."""
+    return getattr(decoder_of(model), "norm", None)
+
+
 def token_embedding(model) -> torch.nn.Module:
     """The input token embedding."""
     return model.get_input_embeddings()
@@ -135,6 +140,12 @@ class TargetAdapter:
         kw = {self._cache_kw: cache}
         if tree_bits is not None:
             kw["c2t_tree_bits"] = tree_bits
+        h, feats = self._run(ids, position_ids, feature_layers, use_cache=True, **kw)
+        return (feats if feature_layers else h), self.lm_head(h).float()
+
+    def _run(self, ids, position_ids, feature_layers, **kw):
+        """(post-norm last hidden state ``[n, H]``, the residual streams entering ``feature_layers``
+        concatenated ``[n, len * H]`` or None)."""
         captured, hooks = {}, []
         for i in feature_layers or ():
             def grab(module, args, kwargs, i=i):
@@ -142,13 +153,18 @@ class TargetAdapter:
             hooks.append(self.decoder.layers[i].register_forward_pre_hook(grab, with_kwargs=True))
         try:
             out = self.decoder(input_ids=ids[None], position_ids=None if position_ids is None else position_ids[None],
-                               use_cache=True, **kw)
+                               **kw)
         finally:
             for h in hooks:
                 h.remove()
-        h = out.last_hidden_state[0]
-        feats = torch.cat([captured[i][0] for i in feature_layers], -1) if feature_layers else h
-        return feats, self.lm_head(h).float()
+        feats = torch.cat([captured[i][0] for i in feature_layers], -1) if feature_layers else None
+        return out.last_hidden_state[0], feats
+
+    def hidden_and_features(self, ids: torch.Tensor, feature_layers: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(post-norm last hidden states ``[n, H]``, the residual streams entering ``feature_layers``
+        concatenated ``[n, len(feature_layers) * H]``) of ``ids int64 [n]`` (no cache kept): what an
+        EAGLE-3 head is trained on (its input and, through the LM head, its teacher)."""
+        return self._run(ids, None, tuple(feature_layers), use_cache=False)
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Post-norm last hidden states ``[n, H]`` of ``ids int64 [n]`` (no cache kept)."""

@@ -139,13 +139,20 @@ def _truncate_lines(path: str, keep: int) -> None:
             f.writelines(lines[:keep])
 
 
-def distilled_sequences(out_dir: str, max_len: int | None = None) -> Iterator[torch.Tensor]:
-    """The stored sequences (int64 ``[n]``: prompt then reply), in order, cut to ``max_len``."""
+def distilled_sequences(out_dir: str, max_len: int | None = None, with_loss_from: bool = False,
+                        greedy_only: bool = False) -> Iterator:
+    """The stored sequences (int64 ``[n]``: prompt then reply), in order, cut to ``max_len``; with
+    ``with_loss_from`` as ``(ids, prompt_len - 1, {"sampled": bool})`` (``cache_hidden_states``: a draft is
+    trained on the reply only, the prompt is its context; sampled replies are left out of the greedy
+    acceptance figures). ``greedy_only`` skips the sampled replies."""
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
     data = np.fromfile(os.path.join(out_dir, "tokens.bin"), dtype=meta["dtype"])
     with open(os.path.join(out_dir, "index.jsonl")) as f:
         for _, line in zip(range(meta["sequences"]), f):
             row = json.loads(line)
+            if greedy_only and row["sampled"]:
+                continue
             seq = torch.from_numpy(data[row["offset"]:row["offset"] + row["length"]].astype(np.int64))
-            yield seq[:max_len] if max_len else seq
+            seq = seq[:max_len] if max_len else seq
+            yield (seq, max(0, row["prompt_len"] - 1), {"sampled": bool(row["sampled"])}) if with_loss_from else seq

@@ -44,13 +44,28 @@ def encode_conversations(tokenizer, conversations: Iterable[list[dict]], max_len
             yield ids[:max_len]
 
 
-def cache_hidden_states(target, sequences: Iterable[torch.Tensor], cache_dir: str, token_budget: int,
-                        shard_size: int = 32, progress: bool = True) -> dict:
-    """Append (ids, fp16 post-norm hidden states) shards to ``cache_dir`` until ``token_budget`` tokens
-    are cached; rerunning skips the sequences already cached."""
+def cache_hidden_states(target, sequences: Iterable, cache_dir: str, token_budget: int, shard_size: int = 32,
+                        progress: bool = True, feature_layers: tuple | None = None) -> dict:
+    """Append shards of the frozen target's features to ``cache_dir`` until ``token_budget`` tokens are
+    cached; rerunning skips the sequences already cached (the settings must match the cache's).
+
+    ``sequences``: int64 ``[n]`` token ids, or ``(ids, loss_from[, extra dict])``: the head is trained only
+    at pair positions ``t >= loss_from`` (pair t = token t+1 with the feature of t, predicting token t+2;
+    a reply starting at index p gives ``loss_from = p - 1``), the earlier ones are context; ``extra``'s
+    items are stored with the sequence (``sampled``). Each cached
+    sequence: ``ids`` int32, ``hidden`` fp16 post-norm last hidden states ``[n, H]``, ``loss_from``; with
+    ``feature_layers`` (EAGLE-3) also ``aux`` fp16 ``[n, len * H]`` (the residual streams entering those
+    layers) and ``top`` int32 ``[n]`` (the target's argmax over its whole vocabulary)."""
     os.makedirs(cache_dir, exist_ok=True)
     meta_file = os.path.join(cache_dir, "meta.json")
-    meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {"sequences": 0, "tokens": 0, "shards": 0}
+    layers = None if feature_layers is None else [int(i) for i in feature_layers]
+    meta = {"sequences": 0, "consumed": 0, "tokens": 0, "shards": 0, "feature_layers": layers}
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("feature_layers") != layers:
+            raise ValueError(f"{cache_dir} caches feature_layers {meta.get('feature_layers')}, not {layers}; "
+                             "use another cache directory")
     adapter = TargetAdapter(target)
     shard: list[dict] = []
 
@@ -59,19 +74,31 @@ def cache_hidden_states(target, sequences: Iterable[torch.Tensor], cache_dir: st
             torch.save(shard, os.path.join(cache_dir, f"shard_{meta['shards']:05d}.pt"))
             meta["shards"] += 1
             shard.clear()
-        with open(meta_file, "w") as f:
+        tmp = meta_file + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
+        os.replace(tmp, meta_file)
 
     bar = tqdm(total=token_budget, initial=min(meta["tokens"], token_budget), desc="caching target features",
                disable=not progress)
+    dev = adapter.device
     with torch.no_grad():
-        for i, ids in enumerate(sequences):
+        for i, item in enumerate(sequences):
             if meta["tokens"] >= token_budget:
                 break
-            if i < meta["sequences"]:
-                continue  # cached by an earlier run
-            h = adapter.hidden_states(ids)
-            shard.append({"ids": ids.to(torch.int32), "hidden": h.to(torch.float16)})
+            if i < meta.get("consumed", meta["sequences"]):
+                continue  # cached (or skipped) by an earlier run
+            meta["consumed"] = i + 1
+            ids, loss_from, extra = (*item, {})[:3] if isinstance(item, tuple) else (item, 0, {})
+            if ids.numel() - 2 <= loss_from:
+                continue  # no position to train (a reply cut away by max_len)
+            if layers is None:
+                row = {"hidden": adapter.hidden_states(ids.to(dev)).to(torch.float16).cpu()}
+            else:
+                h, aux = adapter.hidden_and_features(ids.to(dev), tuple(layers))
+                row = {"hidden": h.to(torch.float16).cpu(), "aux": aux.to(torch.float16).cpu(),
+                       "top": adapter.lm_head(h).argmax(-1).to(torch.int32).cpu()}
+            shard.append({"ids": ids.to(torch.int32), "loss_from": int(loss_from), **extra, **row})
             meta["sequences"] += 1
             meta["tokens"] += ids.numel()
             bar.update(ids.numel())
@@ -107,27 +134,37 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
 
 
-def _load_shards(cache_dir: str) -> list[dict]:
+def load_cached(cache_dir: str) -> list[dict]:
+    """Every sequence cached in ``cache_dir`` (``cache_hidden_states``), in order."""
     files = sorted(glob.glob(os.path.join(cache_dir, "shard_*.pt")))
     if not files:
         raise FileNotFoundError(f"no cached features in {cache_dir} (run cache_hidden_states / c2t-fast train-draft)")
     return [seq for f in files for seq in torch.load(f)]
 
 
+def split_validation(data: list, fraction: float) -> tuple[list, list]:
+    """(train, held-out): the last ``fraction`` of the sequences (at least one when there are >= 4)."""
+    n_val = int(len(data) * fraction)
+    if n_val == 0 and fraction > 0 and len(data) >= 4:
+        n_val = 1
+    return data[:len(data) - n_val], data[len(data) - n_val:]
+
+
 def frequent_ids(data: list[dict], n: int) -> torch.Tensor:
-    """The ``n`` most frequent token ids of the cached sequences (sorted)."""
-    counts = torch.bincount(torch.cat([s["ids"].long() for s in data]))
+    """The ``n`` most frequent token ids of the cached sequences' trained part (sorted)."""
+    counts = torch.bincount(torch.cat([s["ids"][s.get("loss_from", 0):].long() for s in data]))
     return counts.argsort(descending=True)[:n].sort().values
 
 
 def draft_losses(head: EagleDraftHead, ids: torch.Tensor, feats: torch.Tensor, weight_cls: float,
-                 lm_weight: torch.Tensor | None = None, vocab_ids: torch.Tensor | None = None):
-    """EAGLE-1 losses of one sequence: (total, regression, classification, top-1 agreement).
+                 lm_weight: torch.Tensor | None = None, vocab_ids: torch.Tensor | None = None, loss_from: int = 0):
+    """EAGLE-1 losses of one sequence: (total, regression, classification, top-1 agreement), over the
+    pair positions from ``loss_from`` on (the earlier ones are context).
     ``lm_weight``: rows of the LM head to score over (default: the whole head). ``vocab_ids``: the token
     ids of those rows; given, top-1 agreement is with the target's argmax over the whole vocabulary (what
     drafting over the rows can reach), otherwise over the same rows."""
     pred = head.features_forward(ids[None, 1:], feats[None, :-1], torch.arange(ids.numel() - 1)[None], None)[0]
-    target = feats[1:]
+    pred, target = pred[loss_from:], feats[1 + loss_from:]
     reg = torch.nn.functional.smooth_l1_loss(pred, target)
     lm = head.lm_head if lm_weight is None else (lambda h: h @ lm_weight.T)
     with torch.no_grad():
@@ -152,8 +189,9 @@ def evaluate_draft(head: EagleDraftHead, data: list[dict], vocab_ids: torch.Tens
     rows = None if vocab_ids is None else head.lm_head.weight[vocab_ids]
     n = top1 = cls = 0.0
     for seq in data:
-        _, _, c, a = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), 0.0, rows, vocab_ids)
-        k = seq["ids"].numel() - 1
+        lf = seq.get("loss_from", 0)
+        _, _, c, a = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), 0.0, rows, vocab_ids, lf)
+        k = seq["ids"].numel() - 1 - lf
         n, top1, cls = n + k, top1 + a.item() * k, cls + c.item() * k
     head.train(was_training)
     return {"top1": top1 / max(n, 1), "cls": cls / max(n, 1), "tokens": int(n)}
@@ -168,11 +206,8 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     weight transitions such as WISCA that must see the optimizer."""
     cfg = config or DraftTrainConfig()
     torch.manual_seed(cfg.seed)
-    data = _load_shards(cache_dir)
-    n_val = int(len(data) * cfg.val_fraction)
-    if n_val == 0 and cfg.val_fraction > 0 and len(data) >= 4:
-        n_val = 1
-    val, data = data[len(data) - n_val:], data[:len(data) - n_val]
+    data = load_cached(cache_dir)
+    data, val = split_validation(data, cfg.val_fraction)
     head = EagleDraftHead(text_config(target)).attach(target)
     for p in (*head.embed_tokens.parameters(), *head.lm_head.parameters()):
         p.requires_grad_(False)
@@ -215,7 +250,7 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
         while state["index"] < len(order):
             seq = data[order[state["index"]]]
             loss, reg, cls, acc = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), cfg.weight_cls,
-                                                 lm_weight)
+                                                 lm_weight, loss_from=seq.get("loss_from", 0))
             (loss / cfg.accumulate).backward()
             acc_l, acc_r, acc_c, acc_a = acc_l + loss.item(), acc_r + reg.item(), acc_c + cls.item(), acc_a + acc.item()
             n_in_step += 1
@@ -252,6 +287,10 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
               "history": state["history"]}
     if val and head.vocab_ids is not None:
         report["validation_draft_vocab"] = evaluate_draft(head, val, head.vocab_ids)
+    if val and "top" in val[0]:  # cached with the target's argmax: the acceptance along a drafted chain
+        from .unrolled import chain_acceptance
+
+        report["chain_acceptance"] = chain_acceptance(head, val)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot(state["history"], os.path.join(out_dir, "training.png"))

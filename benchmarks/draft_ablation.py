@@ -1,0 +1,71 @@
+"""Draft heads side by side on the same held-out target outputs: greedy acceptance of the 1st, 2nd and
+3rd token of a drafted chain (``training.unrolled.chain_acceptance``), the expected accepted length of
+a chain of 3, the top-1 agreement of the first token, and each head's training budget.
+
+The held-out sequences are the last ``--held-out`` share of an EAGLE-3 feature cache (the split every
+``train-draft`` run on that cache holds out), greedy replies only.
+
+    python benchmarks/draft_ablation.py --cache runs/draft3/feature_cache \
+        --head "EAGLE-1, ShareGPT text (shipped)=default" --head "EAGLE-3, self-distilled=runs/draft3" \
+        --out runs/draft_ablation.json > ablation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cache", required=True, help="feature cache written by train-draft --head eagle3")
+    p.add_argument("--head", action="append", required=True, metavar="LABEL=DIR",
+                   help="a head directory ('default': the shipped head); repeatable")
+    p.add_argument("--held-out", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--target", default="smollm2")
+    p.add_argument("--out", default=None, help="JSON of the figures")
+    args = p.parse_args()
+
+    from c2t_fast.decoding.loading import DEFAULT_DRAFT_DIR, load_draft
+    from c2t_fast.hf.loading import load_target
+    from c2t_fast.training.draft_head import load_cached, split_validation
+    from c2t_fast.training.unrolled import chain_acceptance
+
+    target, _ = load_target(args.target)
+    _, val = split_validation(load_cached(args.cache), args.held_out)
+    rows = []
+    for spec in args.head:
+        label, _, path = spec.partition("=")
+        path = DEFAULT_DRAFT_DIR if path == "default" else path
+        head = load_draft(path, target)
+        t = time.perf_counter()
+        acc = chain_acceptance(head, val, args.steps)
+        report = os.path.join(path, "report.json")
+        budget = None
+        if os.path.isfile(report):
+            with open(report) as f:
+                r = json.load(f)
+            budget = {"tokens": r.get("tokens"), "trained_positions": r.get("trained_positions"),
+                      "epochs": r.get("config", {}).get("epochs")}
+        rows.append({"head": label, "dir": path, **acc, "budget": budget, "eval_s": round(time.perf_counter() - t, 1)})
+    print(f"Held-out: {rows[0]['positions']} positions of {sum(not s.get('sampled') for s in val)} greedy replies "
+          f"(cache {args.cache}, last {args.held_out:.0%}).\n")
+    print("| head | training tokens (trained positions), epochs | 1st | 2nd given 1st | 3rd given 2 | "
+          "expected accepted of 3 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        b = r["budget"] or {}
+        trained = f" ({b['trained_positions']:,})" if b.get("trained_positions") else ""
+        budget = f"{b['tokens']:,}{trained}, {b['epochs']}" if b.get("tokens") else "?"
+        cond = " | ".join("–" if c is None else f"{c:.3f}" for c in r["conditional"])
+        print(f"| {r['head']} | {budget} | {cond} | {r['expected_accepted']:.3f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
