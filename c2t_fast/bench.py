@@ -46,6 +46,7 @@ class BenchConfig:
     seed: int = 0
     device: str = "auto"  # "auto": the GPU when there is one
     ngram: tuple = (0,)  # n-gram branch lengths to run each strategy with (0: none)
+    budget: tuple = ("none",)  # tree sizing to run each strategy with: "none" (as grown), "auto" (by cost)
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple]:
@@ -106,9 +107,13 @@ def make_strategy(name: str, classifier_path: str | None = None, params: dict | 
     return strategy_from_name(name, classifier=clf, **chosen)
 
 
-def _runs(names, sweeps, ngram=(0,)) -> list[tuple[str, dict]]:
+def _runs(names, sweeps, ngram=(0,), budget=("none",)) -> list[tuple[str, dict]]:
     """(strategy, setting) pairs: each strategy at each distinct setting it takes, each with and without
-    n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch); baselines once."""
+    n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch) and with each ``budget``
+    (setting key "budget" for "auto"); baselines once."""
+    for b in budget:
+        if b not in ("none", "auto"):
+            raise ValueError(f"budget {b!r}: expected none or auto")
     runs = []
     for name in names:
         if name in BASELINES:
@@ -119,7 +124,8 @@ def _runs(names, sweeps, ngram=(0,)) -> list[tuple[str, dict]]:
             setting = {k: v for k, v in sweep.items() if k in own}
             if tuple(sorted(setting.items())) not in seen:
                 seen.add(tuple(sorted(setting.items())))
-                runs += [(name, {**setting, "ngram": n} if n else setting) for n in ngram]
+                runs += [(name, {**setting, **({"ngram": n} if n else {}), **({"budget": b} if b != "none" else {})})
+                         for n in ngram for b in budget]
     return runs
 
 
@@ -131,7 +137,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for name in cfg.strategies:
         if name not in STRATEGIES and name not in BASELINES:
             raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES) + list(BASELINES)}")
-    runs = _runs(cfg.strategies, cfg.sweeps, cfg.ngram)
+    runs = _runs(cfg.strategies, cfg.sweeps, cfg.ngram, cfg.budget)
     target, tok = load_target(cfg.target, device=cfg.device)
     adapter = TargetAdapter(target)
     needs_draft = any(n not in BASELINES for n in cfg.strategies)
@@ -145,8 +151,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             if name not in BASELINES:
                 strategy = make_strategy(name, cfg.classifier, {**cfg.params, **setting})
                 ngram = NgramLookup(num_tokens=setting["ngram"]) if setting.get("ngram") else None
-                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram)
-            tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0}
+                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram,
+                                           budget=setting.get("budget"))
+            tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0,
+                   "plain_steps": 0}
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,
                                                       disable=not progress)):
                 ids = encode_chat(tok, text)
@@ -163,7 +171,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **m.summary()}
                     for key, value in (("steps", m.steps), ("accepted", sum(m.accepted)), ("gamma", m.gamma),
                                        ("new_tokens", m.new_tokens), ("time", m.total_time), ("draft", m.draft_time),
-                                       ("verify", m.verify_time)):
+                                       ("verify", m.verify_time), ("plain_steps", m.plain_steps)):
                         tot[key] += value
                 f.write(json.dumps(rec) + "\n")
             rows.append(_row(name, setting, tot))
@@ -204,7 +212,8 @@ def _row(name: str, setting: dict, tot: dict) -> dict:
             "accept_length": per_step(tot["new_tokens"]), "gamma_per_step": per_step(tot["gamma"]),
             "gamma": tot["gamma"], "new_tokens": tot["new_tokens"],
             "tokens_per_s": tot["new_tokens"] / max(tot["time"], 1e-9),
-            "draft_time_s": tot["draft"], "verify_time_s": tot["verify"]}
+            "draft_time_s": tot["draft"], "verify_time_s": tot["verify"],
+            "plain_share": per_step(tot.get("plain_steps", 0))}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -212,11 +221,12 @@ def format_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
-    lines = ["| strategy | setting | tau | accept len | gamma/step | tokens/s | vs AR | draft s | verify s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | setting | tau | accept len | gamma/step | plain steps | tokens/s | vs AR | draft s | verify s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['strategy']} | {r['setting'] or ''} | {fmt(r['tau'], '.3f')} | {fmt(r['accept_length'], '.3f')}"
-                     f" | {fmt(r['gamma_per_step'], '.1f')} | {r['tokens_per_s']:.2f} | {fmt(r['speedup_vs_ar'], '.2f')}"
+                     f" | {fmt(r['gamma_per_step'], '.1f')} | {fmt(r.get('plain_share'), '.0%')} | {r['tokens_per_s']:.2f}"
+                     f" | {fmt(r['speedup_vs_ar'], '.2f')}"
                      f" | {r['draft_time_s']:.1f} | {r['verify_time_s']:.1f} |")
     return "\n".join(lines)
 

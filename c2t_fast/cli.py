@@ -53,6 +53,18 @@ def _add_ngram_flag(p, many: bool):
                                                             "many tokens onto each tree (0: none)")
 
 
+def _add_budget_flag(p, many: bool):
+    if many:
+        p.add_argument("--budget", default="none", help="comma-separated tree sizing to run each strategy with: "
+                                                         "none (the tree as grown) or auto (cut by this machine's "
+                                                         "measured verification cost, plain steps when no tree "
+                                                         "pays), e.g. none,auto for the ablation")
+    else:
+        p.add_argument("--budget", choices=("none", "auto"), default="none",
+                       help="auto: size each tree by this machine's measured verification cost (measured once, "
+                            "cached) and run plain steps when no tree pays")
+
+
 def _add_device_flag(p):
     p.add_argument("--device", default="auto", help="where the target and draft run: auto (the GPU when there is "
                                                      "one), cpu, cuda, cuda:1, ...")
@@ -102,7 +114,8 @@ def _generate(args) -> int:
     draft = load_draft(args.draft, target, args.draft_full_vocab)
     strategy = make_strategy(args.strategy, args.classifier, _strategy_params(args))
     ngram = NgramLookup(num_tokens=args.ngram) if args.ngram else None
-    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram)
+    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram,
+                               budget=None if args.budget == "none" else args.budget)
     m, tokens = Metrics(), []
     for chunk in gen.stream(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, metrics=m):
@@ -114,6 +127,7 @@ def _generate(args) -> int:
     s = m.summary()
     print(f"tau {s['tau']:.2f} | gamma {s['gamma']} ({s['gamma_per_step']}/step) | {s['tokens_per_s']} tokens/s"
           + (f" | n-gram nodes {s['ngram_nodes']}" if args.ngram else "")
+          + (f" | plain steps {s['plain_steps']}/{s['steps']} (cost rule)" if args.budget != "none" else "")
           + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else ""))
     return 0
 
@@ -135,7 +149,8 @@ def _bench(args) -> int:
                       sweeps=parse_sweeps(args.sweep), params=_strategy_params(args), target=args.target,
                       draft=args.draft, draft_full_vocab=args.draft_full_vocab, classifier=args.classifier,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
-                      seed=args.seed, device=args.device, ngram=_int_list("--ngram", args.ngram))
+                      seed=args.seed, device=args.device, ngram=_int_list("--ngram", args.ngram),
+                      budget=tuple(args.budget.split(",")))
     print(format_table(run_bench(cfg)["rows"]))
     return 0
 
@@ -260,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-baseline", action="store_true", help="skip timing plain decoding for the speed-up")
     _add_strategy_flags(g)
     _add_ngram_flag(g, many=False)
+    _add_budget_flag(g, many=False)
     _add_device_flag(g)
     g.set_defaults(func=_generate)
 
@@ -280,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     _add_strategy_flags(b)
     _add_ngram_flag(b, many=True)
+    _add_budget_flag(b, many=True)
     _add_device_flag(b)
     b.set_defaults(func=_bench)
 

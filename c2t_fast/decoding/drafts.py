@@ -74,6 +74,11 @@ class DraftProtocol(Protocol):
         """Drops the tree except the root, then appends the accepted nodes ``int64 [a]`` as context
         (for a head, each paired with the target feature ``[a, H]`` of its predecessor)."""
 
+    def extend(self, tokens: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Appends tokens ``int64 [a]`` the target produced without a tree (plain decoding steps) as
+        context, each with the target feature ``[a, H]`` of its predecessor; no tree is pending.
+        Needed only by the engine's cost rule (``budget="auto"``)."""
+
 
 class Draft(nn.Module):
     """Common bookkeeping of our drafts (``DraftProtocol``): stable length, tree slot count, the KV cache."""
@@ -114,9 +119,7 @@ class Draft(nn.Module):
                              "share the target's tokenizer")
 
     def _crop(self, length: int) -> None:
-        cur = self.cache.get_seq_length()
-        if cur > length:
-            self.cache.crop(-(cur - length))  # negative: drop that many trailing slots
+        hf.crop_cache(self.cache, length)
 
 
 class EagleDraftHead(Draft):
@@ -264,6 +267,14 @@ class EagleDraftHead(Draft):
             self._run(tokens, features, None)
             self.n_stable += tokens.numel()
 
+    def extend(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        """Context the target produced in plain steps: pairs (token, feature of its predecessor)."""
+        self._crop(self.n_stable)
+        self.n_tree = 0
+        if tokens.numel():
+            self._run(tokens, features, None)
+            self.n_stable += tokens.numel()
+
     # -- persistence ---------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
@@ -372,6 +383,13 @@ class DraftLM(Draft):
     def commit(self, tokens: torch.Tensor, features=None) -> None:
         self._crop(self.n_stable + 1)
         self.n_stable += 1
+        self.n_tree = 0
+        if tokens.numel():
+            self._run(tokens, None)
+            self.n_stable += tokens.numel()
+
+    def extend(self, tokens: torch.Tensor, features=None) -> None:
+        self._crop(self.n_stable)
         self.n_tree = 0
         if tokens.numel():
             self._run(tokens, None)

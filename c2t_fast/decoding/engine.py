@@ -17,8 +17,9 @@ from typing import Iterator
 import torch
 
 from ..hf.adapter import TargetAdapter, encode_chat, sampling_probs
-from ..hf.attention import check_supported, compact_dynamic_cache, patch
+from ..hf.attention import check_supported, compact_dynamic_cache, is_patched, patch, unpatch
 from ..kernels import ops
+from .cost import CostRule, load_costs
 from .drafts import DraftProtocol
 from .metrics import Generation, Metrics
 from .ngram import NgramLookup, graft
@@ -40,21 +41,28 @@ class SpeculativeGenerator:
     (``training.tree_dataset.TreeRecorder``) that receives (P, H, d, accepted) for every drafted node
     of every step's full tree (classifier training data). ``ngram``: an ``NgramLookup`` whose
     continuations (prompt lookup in the prompt and the generated text) join each step's tree as extra
-    branches (``decoding.ngram``).
+    branches (``decoding.ngram``). ``budget``: None verifies each tree the strategy grows as it is;
+    ``"auto"`` sizes it by this machine's measured verification cost and falls back to plain decoding
+    steps when no tree pays (``decoding.cost``; the profile is measured once and cached); or a
+    ``CostRule``.
     """
 
     def __init__(self, target, draft: DraftProtocol, strategy: Strategy, eos_token_id=None, stop_token_ids=(),
-                 recorder=None, ngram: NgramLookup | None = None):
+                 recorder=None, ngram: NgramLookup | None = None, budget: str | CostRule | None = None):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
         if ngram is not None and not isinstance(ngram, NgramLookup):
             raise TypeError(f"ngram must be a c2t_fast.decoding.ngram.NgramLookup or None, got {type(ngram).__name__}")
         if ngram is not None and recorder is not None:
             raise ValueError("record trees without n-gram branches: the classifier learns the draft's own nodes")
+        if budget is not None and not isinstance(budget, CostRule) and budget != "auto":
+            raise ValueError(f"budget must be None, 'auto' or a c2t_fast.decoding.cost.CostRule, got {budget!r}")
+        if budget is not None and recorder is not None:
+            raise ValueError("record trees without a budget: the classifier learns from the strategy's whole trees")
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a c2t_fast.decoding.strategies.Strategy, got {type(strategy).__name__}")
         if not isinstance(draft, DraftProtocol):
-            missing = [m for m in ("check_target", "vocab_ids_on", "prefill", "root", "layer_logits", "commit")
+            missing = [m for m in ("check_target", "vocab_ids_on", "prefill", "root", "layer_logits", "commit", "extend")
                        if not callable(getattr(draft, m, None))]
             raise TypeError(f"draft must implement c2t_fast.decoding.drafts.DraftProtocol; {type(draft).__name__} "
                             f"lacks {', '.join(missing) or 'vocab_ids'}")
@@ -63,7 +71,14 @@ class SpeculativeGenerator:
         self.adapter = TargetAdapter(target)
         self.stop = set(self.adapter.eos_ids(eos_token_id)) | set(stop_token_ids)
         self.max_positions = self.adapter.max_positions
+        was_patched = is_patched(target)
         patch(target)
+        try:
+            self.cost_rule = CostRule(load_costs(target)) if budget == "auto" else budget
+        except BaseException:
+            if not was_patched:
+                unpatch(target)  # a failed construction changes nothing
+            raise
 
     def _encode(self, prompt, tokenizer):
         if isinstance(prompt, torch.Tensor):
@@ -136,13 +151,32 @@ class SpeculativeGenerator:
             # rerank_tree outputs (C2T, EAGLE-2), the verdict (its kernels size the path on the host),
             # the accepted tokens and bonus (.tolist()), and compact_kv's bounds check of the path.
             # Uniforms are drawn on the CPU so a seed gives the same output on every device.
+            rule = self.cost_rule
+            if rule is not None:
+                rule.reset()
+            pending_tokens, pending_features = [], []  # context the draft has not seen (plain steps)
             while True:
                 t0 = time.perf_counter()
-                d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
-                tree = self.strategy.build(d)
-                if lookup is not None:
-                    tree, grafted = graft(tree, lookup.propose())
-                    m.ngram_nodes += grafted
+                plain = rule is not None and rule.take_plain_step()
+                if plain:  # a plain decoding step: the root alone, no draft call
+                    tree = ops.Tree(torch.tensor([root], dtype=torch.int64, device=device),
+                                    torch.tensor([-1], dtype=torch.int32, device=device),
+                                    torch.zeros(1, device=device))
+                    sized = None
+                else:
+                    if pending_tokens:
+                        self.draft.extend(torch.tensor(pending_tokens, dtype=torch.int64, device=device),
+                                          torch.stack(pending_features))
+                        pending_tokens, pending_features = [], []
+                    d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
+                    tree = self.strategy.build(d)
+                    grafted = 0
+                    if lookup is not None:
+                        tree, grafted = graft(tree, lookup.propose())
+                        m.ngram_nodes += grafted
+                    sized = self._size_tree(d, tree, grafted, time.perf_counter() - t0) if rule is not None else None
+                    if sized is not None:
+                        tree = sized[0]
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 b = ops.build_tree(tree.parents, prefix)
@@ -160,7 +194,12 @@ class SpeculativeGenerator:
                 emitted = accepted.tolist() + [int(verdict.bonus)]
                 if self.recorder is not None:
                     self._record(d, path)
+                if sized is not None:  # calibrate the acceptance estimates on what was verified
+                    label = torch.zeros(tree.tokens.numel(), dtype=torch.bool)
+                    label[path.cpu()] = True
+                    rule.learn(*sized[1], label)
                 m.steps += 1
+                m.plain_steps += plain
                 m.accepted.append(path.numel() - 1)
                 m.draft_tokens.append(tree.tokens.numel() - 1)
                 m.draft_time += t1 - t0
@@ -175,12 +214,46 @@ class SpeculativeGenerator:
                 if lookup is not None:
                     lookup.extend(out)
                 if not done:
-                    self.draft.commit(accepted, hid[path[:-1]])
+                    if plain:  # the draft sees the root with its feature at the next speculative step
+                        pending_tokens.append(root)
+                        pending_features.append(root_feature)
+                    else:
+                        self.draft.commit(accepted, hid[path[:-1]])
                     root, root_feature = emitted[-1], hid[path[-1]]
                 m.total_time = time.perf_counter() - t_start
                 yield out
                 if done:
                     return
+
+    def _size_tree(self, d: TreeDrafter, tree: ops.Tree, grafted: int, draft_s: float):
+        """The cost rule's cut of this step's tree: (tree to verify, then for its nodes: raw scores, path
+        scores or not, parents, n-gram flags, depths; all on the CPU but the tree)."""
+        rule = self.cost_rule
+        n = tree.tokens.numel()
+        parents = tree.parents.tolist()
+        is_ngram = torch.zeros(n, dtype=torch.bool)
+        is_ngram[n - grafted:] = True
+        dl = [0] * n
+        for i in range(1, n):  # topological order: a parent comes before its children
+            dl[i] = dl[parents[i]] + 1
+        depth = torch.tensor(dl, dtype=torch.int64)
+        if d.has_conf:  # C2T: the classifier's path-level confidence
+            scores = torch.cat([d.scores().float().cpu(), torch.zeros(grafted)])
+        else:  # the draft's probability of each node given its parent
+            logp = tree.logp.float().cpu()
+            scores = (logp - logp[torch.tensor([max(q, 0) for q in parents])]).exp()
+            scores[0] = 1.0
+        p = rule.estimate(scores, d.has_conf, parents, is_ngram, depth)
+        keep, rate = rule.choose(p[1:], draft_s)
+        rule.after_step(rate)
+        if keep < n - 1:
+            scored = ops.Tree(tree.tokens, tree.parents, p.clamp(min=1e-30).log().to(tree.logp.device))
+            sub, sel = ops.rerank_tree(scored, keep + 1)
+            sel = sel.cpu()
+            tree = ops.Tree(sub.tokens, sub.parents, tree.logp[sel.to(tree.logp.device)])
+            scores, is_ngram, depth = scores[sel], is_ngram[sel], depth[sel]
+            parents = tree.parents.tolist()
+        return tree, (scores, d.has_conf, parents, is_ngram, depth)
 
     def _record(self, d: TreeDrafter, path: torch.Tensor) -> None:
         """(P, H, d, accepted) of every drafted node of this step's full tree (before any rerank)."""

@@ -16,13 +16,15 @@ from .engine import SpeculativeGenerator
 
 def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,
              draft=None, strategy=None, text_streamer=None, seed: int | None = None, streamer=None,
-             **model_kwargs) -> torch.Tensor:
+             budget=None, **model_kwargs) -> torch.Tensor:
     """The target's own output for ``input_ids int64 [1, n]``, decoded with token trees: greedy output
     equals ``generate(do_sample=False)`` token for token; sampling follows the target's distribution
     under the call's temperature / top-k / top-p. Returns ``[1, n + new]`` like ``generate``.
 
     ``draft``: a ``DraftProtocol`` (``c2t_fast.load_draft``); ``strategy``: a ``Strategy``; ``seed``: the
-    sampling seed (default: drawn from torch's global generator, so ``torch.manual_seed`` repeats a run).
+    sampling seed (default: drawn from torch's global generator, so ``torch.manual_seed`` repeats a run);
+    ``budget``: ``"auto"`` sizes each tree by this machine's measured verification cost (see
+    ``SpeculativeGenerator``).
     Refused with an error: batch > 1, padding, beams, several sequences, other logits processors or
     stopping criteria."""
     if draft is None or strategy is None:
@@ -44,7 +46,7 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
         return input_ids
     if s["temperature"] > 0 and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"])
+    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"], budget=budget)
     out = streamer if text_streamer is None else text_streamer
     if out is not None:
         out.put(input_ids.cpu())  # the prompt first, as generate() does (skip_prompt relies on it)

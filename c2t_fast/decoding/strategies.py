@@ -118,7 +118,7 @@ class ChainC2T(_ClassifierStrategy):
             s = self._score(d, logits.view(1, -1), d.logp[parent].view(1), depth, 1)
             if not bool(s.keep[0, 0]):
                 break
-            node = d.append(d.nodes(parent), s.tokens[0], s.child_logp[0], s.entropy)
+            node = d.append(d.nodes(parent), s.tokens[0], s.child_logp[0], s.entropy, s.confidence[0])
             if depth + 1 < self.max_length:
                 logits, parent = d.expand(node)[0], d.size - 1  # the node just appended (no host sync)
         return d.tree()
@@ -247,7 +247,7 @@ class C2T(_ClassifierStrategy):
             if sel.numel() == 0:
                 break
             ent = s.entropy[:, None].expand(-1, k).reshape(-1)[sel]
-            frontier = d.append(parents[sel], tokens[sel], child_logp[sel], ent)
+            frontier = d.append(parents[sel], tokens[sel], child_logp[sel], ent, s.confidence.reshape(-1)[sel])
             if depth + 1 == self.d_max or d.size - 1 >= cap:
                 break
             logits = d.expand(frontier)

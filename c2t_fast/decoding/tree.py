@@ -25,6 +25,8 @@ class TreeDrafter:
         self.slot = torch.zeros(1, dtype=torch.int64, device=dev)  # draft slot of each node, -1 when not fed
         self.anc = torch.ones(1, 1, dtype=torch.bool, device=dev)  # [node, slot]: slot is the node or an ancestor
         self.entropy = torch.zeros(1, device=dev)  # H of the distribution a node was drawn from (recording)
+        self.conf = torch.ones(1, device=dev)  # a node's acceptance score (C2T: the classifier's confidence)
+        self.has_conf = False  # True once a strategy gave scores (else the draft's probabilities are used)
         self.record = record_features
         self.vocab_ids = draft.vocab_ids_on(dev)
         self.selected: torch.Tensor | None = None  # set when the verified tree is a subset (rerank)
@@ -53,8 +55,9 @@ class TreeDrafter:
         return pruned
 
     def append(self, parents: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
-               entropy: torch.Tensor | None = None) -> torch.Tensor:
-        """Add nodes (parents must be in the tree); returns their node ids."""
+               entropy: torch.Tensor | None = None, conf: torch.Tensor | None = None) -> torch.Tensor:
+        """Add nodes (parents must be in the tree); returns their node ids. ``conf``: the nodes'
+        path acceptance scores in [0, 1] (C2T's classifier; default: their joint probability)."""
         n, dev = tokens.numel(), self.device
         ids = torch.arange(self.size, self.size + n, device=dev)
         parents = parents.to(torch.int64)
@@ -65,7 +68,13 @@ class TreeDrafter:
         self.slot = torch.cat([self.slot, torch.full((n,), -1, dtype=torch.int64, device=dev)])
         self.anc = torch.cat([self.anc, self.anc[parents]])
         self.entropy = torch.cat([self.entropy, entropy.float() if entropy is not None else torch.zeros(n, device=dev)])
+        self.conf = torch.cat([self.conf, conf.float().view(-1) if conf is not None else logp.float().exp().view(-1)])
+        self.has_conf |= conf is not None
         return ids
+
+    def scores(self) -> torch.Tensor:
+        """The acceptance scores of the tree the strategy returned (the reranked subset after ``rerank``)."""
+        return self.conf if self.selected is None else self.conf[self.selected]
 
     def expand(self, nodes: torch.Tensor) -> torch.Tensor:
         """Feed ``nodes`` (one batched draft call) and return their next-token logits ``[n, V]``."""

@@ -33,6 +33,13 @@ def new_cache():
     return DynamicCache()
 
 
+def crop_cache(cache, length: int) -> None:
+    """Cut a transformers cache back to its first ``length`` positions."""
+    cur = cache.get_seq_length()
+    if cur > length:
+        cache.crop(-(cur - length))  # negative: drop that many trailing slots (every transformers version)
+
+
 def decoder_of(model) -> torch.nn.Module:
     """The base decoder of a causal LM (the module whose output is the post-norm hidden state)."""
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None

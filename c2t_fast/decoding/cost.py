@@ -1,0 +1,287 @@
+"""What verification costs on this machine, and a per-step rule that sizes each tree by it (#17).
+
+``CostProfile``: the target's tree-verification pass timed for T = 1..64 tree tokens after a context
+(medians of a few runs), measured once per machine, model, dtype, device and thread count in a few
+seconds and cached as JSON under ``~/.cache/c2t_fast/cost_profiles`` (``C2T_FAST_CACHE`` overrides the
+root; ``refresh=True`` measures again).
+
+``CostRule``: each step, after the strategy has grown its tree, every drafted node gets an estimate of
+the probability that it is accepted (its whole path, that is). With C2T, the classifier's confidence
+(a path-level score) mapped through an online calibration against what verification accepted (binned
+counts with a prior at the raw score). With the other strategies, the product along the path of each
+node's calibrated chance of acceptance given its parent's, from the draft's conditional probability
+of the node (EAGLE-2's joint probability, calibrated factor by factor: a deep node's factors are
+shallow nodes' scores, which verification keeps observing). n-gram nodes by their own per-depth rate. The step verifies the m most probable nodes (closed under parents) for the m
+that maximises expected tokens per second, (1 + sum of their probabilities) / (draft time + t_verify(1 +
+m)), m = 0 included. When the best expected rate of a speculative step falls below a plain decoding
+step's (1 / t_verify(1)), the engine runs plain steps (no draft call) for a while, then probes again:
+so a draft that does not pay costs at most its probes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..kernels import ops
+
+LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_key(model, device: torch.device) -> str:
+    """What the costs depend on: the model's config, dtype, device (and which GPU or CPU), threads,
+    torch version."""
+    from ..hf.adapter import text_config
+
+    cfg = text_config(model).to_dict() if hasattr(text_config(model), "to_dict") else vars(text_config(model))
+    dtype = str(next(model.parameters()).dtype)
+    dev = torch.device(device)
+    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+    blob = json.dumps({"config": cfg, "dtype": dtype, "device": dev.type, "hw": hw, "torch": torch.__version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CostProfile:
+    """Seconds of one verification pass over T tree tokens, ``verify_s[i]`` for ``lengths[i]``."""
+
+    lengths: list
+    verify_s: list
+    context: int = 128
+    hardware: str = ""
+    measured_at: str = ""
+    key: str = ""
+
+    def __post_init__(self):
+        if (len(self.lengths) != len(self.verify_s) or not self.lengths or self.lengths[0] != 1
+                or any(b <= a for a, b in zip(self.lengths, self.lengths[1:]))
+                or any(not (isinstance(s, (int, float)) and s > 0) for s in self.verify_s)):
+            raise ValueError("CostProfile needs increasing lengths starting at 1 and a positive time for each")
+
+    def verify(self, T: int) -> float:
+        """t_verify(T): linear between measured lengths, extended past the last one by its slope."""
+        L, S = self.lengths, self.verify_s
+        if T <= 1:
+            return S[0]
+        for i in range(1, len(L)):
+            if T <= L[i]:
+                return S[i - 1] + (S[i] - S[i - 1]) * (T - L[i - 1]) / (L[i] - L[i - 1])
+        slope = (S[-1] - S[-2]) / (L[-1] - L[-2]) if len(L) > 1 else 0.0
+        return S[-1] + max(slope, 0.0) * (T - L[-1])
+
+    def table(self) -> list[tuple[int, float, float]]:
+        """(T, seconds, ratio to T = 1) per measured length."""
+        return [(t, s, s / self.verify_s[0]) for t, s in zip(self.lengths, self.verify_s)]
+
+
+def measure_costs(target, lengths=LENGTHS, context: int = 128, repeats: int = 5) -> CostProfile:
+    """Time the patched target's verification pass (tree bits, LM head and argmax included) over a
+    chain of T tokens after ``context`` tokens, median of ``repeats`` after a warm-up."""
+    from ..hf.adapter import TargetAdapter, crop_cache
+    from ..hf.attention import patch
+
+    patch(target)
+    adapter = TargetAdapter(target)
+    dev = adapter.device
+    V = adapter.lm_head.weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (context,), generator=gen).to(dev)
+    cache = adapter.new_cache()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out = []
+    with torch.no_grad():
+        adapter.forward(ids, cache)
+        for T in lengths:
+            b = ops.build_tree(torch.arange(-1, T - 1, dtype=torch.int32, device=dev), context)
+            toks = torch.randint(0, V, (T,), generator=gen).to(dev)
+            times = []
+            for r in range(repeats + 1):
+                sync()
+                t0 = time.perf_counter()
+                _, logits = adapter.forward(toks, cache, b.position_ids, b.ancestor_bits)
+                logits.argmax(-1).cpu()
+                sync()
+                if r:  # the first run warms up
+                    times.append(time.perf_counter() - t0)
+                crop_cache(cache, context)
+            out.append(sorted(times)[len(times) // 2])
+    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+    return CostProfile(list(lengths), out, context, hw, time.strftime("%Y-%m-%d %H:%M:%S"), profile_key(target, dev))
+
+
+def cache_root() -> str:
+    return os.environ.get("C2T_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "c2t_fast")
+
+
+def load_costs(target, refresh: bool = False, progress: bool = True) -> CostProfile:
+    """The target's cost profile on its device: the cached one, or measured now (and cached)."""
+    from ..hf.adapter import device_of
+
+    key = profile_key(target, device_of(target))
+    path = os.path.join(cache_root(), "cost_profiles", f"{key}.json")
+    if not refresh and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return CostProfile(**json.load(f))
+        except (ValueError, TypeError):
+            pass  # a damaged file is measured again
+    if progress:
+        print("measuring the target's verification cost on this machine (once; cached)...", flush=True)
+    prof = measure_costs(target)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(prof), f, indent=2)
+    os.replace(tmp, path)
+    return prof
+
+
+# score bins of the calibration: finer near 0 and 1, where most nodes are
+_EDGES = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-6)
+
+
+@dataclass
+class Calibrator:
+    """Online P(accepted | raw score) in score bins; each bin starts as ``prior`` pseudo-observations at
+    its centre (the raw score taken at its word), then counts what verification accepted."""
+
+    prior: float = 4.0
+    accepted: list = field(default_factory=lambda: [0.0] * (len(_EDGES) - 1))
+    seen: list = field(default_factory=lambda: [0.0] * (len(_EDGES) - 1))
+
+    def _bins(self, scores: torch.Tensor) -> torch.Tensor:
+        edges = torch.tensor(_EDGES, dtype=scores.dtype, device=scores.device)
+        return (torch.bucketize(scores.clamp(0, 1), edges, right=True) - 1).clamp(0, len(_EDGES) - 2)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities of ``scores`` (float ``[n]`` in [0, 1], any device)."""
+        b = self._bins(scores).cpu()
+        centre = torch.tensor([(a + c) / 2 for a, c in zip(_EDGES, _EDGES[1:])]).clamp(max=1.0)
+        acc, seen = torch.tensor(self.accepted), torch.tensor(self.seen)
+        p = (acc + self.prior * centre) / (seen + self.prior)
+        return p[b].to(scores.device, scores.dtype)
+
+    def update(self, scores: torch.Tensor, accepted: torch.Tensor) -> None:
+        b = self._bins(scores.float()).cpu().tolist()
+        for i, a in zip(b, accepted.cpu().tolist()):
+            self.seen[i] += 1
+            self.accepted[i] += float(a)
+
+
+@dataclass
+class CostRule:
+    """Per-step tree sizing by measured cost (see the module doc). ``profile``: the target's
+    ``CostProfile``; ``probe_every``: plain steps before the first probe after a losing speculative
+    step (doubling while probes keep losing, up to ``max_plain``)."""
+
+    profile: CostProfile
+    probe_every: int = 4
+    max_plain: int = 32
+    margin: float = 1.0  # a speculative step must promise margin x the plain rate
+    path: Calibrator = field(default_factory=Calibrator)  # path-level scores (C2T's confidence)
+    conditional: Calibrator = field(default_factory=Calibrator)  # P(node | parent accepted) from q(node | parent)
+    ngram_hits: list = field(default_factory=list)  # per depth: [accepted, seen]
+
+    def __post_init__(self):
+        if self.probe_every < 1 or self.max_plain < self.probe_every or self.margin <= 0:
+            raise ValueError("CostRule needs probe_every >= 1, max_plain >= probe_every and margin > 0")
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh per-generation state (the calibration is kept: it is the draft's, not the prompt's)."""
+        self.plain_left = 0
+        self.wait = self.probe_every
+
+    @property
+    def plain_rate(self) -> float:
+        return 1.0 / self.profile.verify(1)
+
+    def ngram_p(self, depth: torch.Tensor) -> torch.Tensor:
+        """Acceptance estimate of n-gram nodes at these depths (prior: 0.5 at depth 1, x0.8 per level)."""
+        out = []
+        for d in depth.tolist():
+            acc, seen = self.ngram_hits[d] if d < len(self.ngram_hits) else (0.0, 0.0)
+            prior = 0.5 * 0.8 ** max(d - 1, 0)
+            out.append((acc + 4 * prior) / (seen + 4))
+        return torch.tensor(out, dtype=torch.float32, device=depth.device)
+
+    def choose(self, probs: torch.Tensor, draft_s: float) -> tuple[int, float]:
+        """(m, expected tokens/s): verify the m most probable nodes (``probs [n]``, the drafted nodes'
+        calibrated acceptance, root excluded)."""
+        p = torch.sort(probs.float().cpu(), descending=True).values
+        gain = torch.cat([torch.zeros(1), torch.cumsum(p, 0)]) + 1.0
+        cost = torch.tensor([draft_s + self.profile.verify(1 + m) for m in range(p.numel() + 1)])
+        rate = gain / cost
+        m = int(rate.argmax())
+        return m, float(rate[m])
+
+    def after_step(self, expected_rate: float) -> None:
+        """A speculative step promised ``expected_rate``: go plain for a while when it loses to plain decoding."""
+        if expected_rate < self.margin * self.plain_rate:
+            self.plain_left = self.wait
+            self.wait = min(2 * self.wait, self.max_plain)
+        else:
+            self.wait = self.probe_every
+
+    def take_plain_step(self) -> bool:
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            return True
+        return False
+
+    def estimate(self, scores: torch.Tensor, path_scores: bool, parents: list, is_ngram: torch.Tensor,
+                 depth: torch.Tensor) -> torch.Tensor:
+        """Acceptance probability of every node's path (``[n]``, root 1), never above its parent's.
+        ``scores``: path-level scores when ``path_scores`` (C2T), else each node's conditional draft
+        probability given its parent."""
+        draft_p = (self.path if path_scores else self.conditional)(scores).tolist()
+        ngram_p = self.ngram_p(depth).tolist()
+        flags = is_ngram.tolist()
+        p = [1.0] * len(parents)
+        for i in range(1, len(parents)):  # topological order
+            up = p[parents[i]]
+            if flags[i]:
+                p[i] = min(ngram_p[i], up)
+            elif path_scores:
+                p[i] = min(draft_p[i], up)
+            else:
+                p[i] = draft_p[i] * up
+        return torch.tensor(p)
+
+    def learn(self, scores: torch.Tensor, path_scores: bool, parents: list, is_ngram: torch.Tensor,
+              depth: torch.Tensor, accepted: torch.Tensor) -> None:
+        """What verification decided for the verified tree's nodes (``[n]``, root included)."""
+        acc = accepted.tolist()
+        parent_ok = torch.tensor([False] + [acc[q] for q in parents[1:]])
+        draft = ~is_ngram
+        draft[0] = False
+        if path_scores:
+            self.path.update(scores[draft], accepted[draft])
+        else:  # a node's conditional chance is observed only where its parent was accepted
+            seen = draft & parent_ok
+            self.conditional.update(scores[seen], accepted[seen])
+        ng = is_ngram.clone()
+        ng[0] = False
+        for d, a in zip(depth[ng].tolist(), accepted[ng].tolist()):
+            while len(self.ngram_hits) <= d:
+                self.ngram_hits.append([0.0, 0.0])
+            self.ngram_hits[d][0] += float(a)
+            self.ngram_hits[d][1] += 1

@@ -1,0 +1,191 @@
+"""Trees sized by measured cost (#17): the cost profile (interpolation, measured once and cached,
+refreshable), the online calibration, the per-step choice, and the engine with the rule: lossless
+(greedy: the target's tokens, every strategy and draft kind, with plain-step fallback and n-gram
+branches; sampling: the target's law), plain steps when no tree pays, the draft kept in sync."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from c2t_fast.decoding import cost
+from c2t_fast.decoding.cost import Calibrator, CostProfile, CostRule, load_costs, measure_costs
+from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.decoding.ngram import NgramLookup
+from c2t_fast.decoding.strategies import Chain, Eagle2
+from c2t_fast.hf.adapter import sampling_probs
+from c2t_fast.hf.attention import is_patched
+from support import tiny_causal_lm, tiny_strategies
+
+PROMPT = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79, 3, 14, 15, 92, 65, 35])
+
+
+def flat(t1=0.1, slope=0.0):
+    """A profile where T tokens cost t1 + slope * (T - 1)."""
+    L = [1, 2, 4, 8, 16, 32, 64]
+    return CostProfile(L, [t1 + slope * (t - 1) for t in L])
+
+
+def test_profile_interpolates_and_extends():
+    prof = CostProfile([1, 2, 4], [1.0, 1.5, 2.5])
+    assert prof.verify(1) == 1.0 and prof.verify(3) == pytest.approx(2.0) and prof.verify(6) == pytest.approx(3.5)
+    assert [r for _, _, r in prof.table()] == [1.0, 1.5, 2.5]
+    for bad in (dict(lengths=[2, 4], verify_s=[1, 2]), dict(lengths=[1, 1], verify_s=[1, 2]),
+                dict(lengths=[1, 2], verify_s=[1, 0]), dict(lengths=[1, 2], verify_s=[1])):
+        with pytest.raises(ValueError, match="CostProfile"):
+            CostProfile(**bad)
+
+
+def test_costs_are_measured_once_cached_and_refreshable(tmp_path, monkeypatch):
+    monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    calls = []
+    real = cost.measure_costs
+
+    def counting(model, **kw):
+        calls.append(1)
+        return real(model, lengths=(1, 2, 4), context=8, repeats=2)
+
+    monkeypatch.setattr(cost, "measure_costs", counting)
+    first = load_costs(target, progress=False)
+    again = load_costs(target, progress=False)
+    assert len(calls) == 1 and again == first and first.lengths == [1, 2, 4] and all(s > 0 for s in first.verify_s)
+    files = os.listdir(tmp_path / "cost_profiles")
+    assert files == [f"{first.key}.json"] and json.loads((tmp_path / "cost_profiles" / files[0]).read_text())["key"]
+    load_costs(target, refresh=True, progress=False)
+    assert len(calls) == 2
+    (tmp_path / "cost_profiles" / files[0]).write_text("{not json")  # damaged: measured again
+    load_costs(target, progress=False)
+    assert len(calls) == 3
+    other = tiny_causal_lm("llama", 4, 2, seed=1)  # another model: another key
+    assert cost.profile_key(other, torch.device("cpu")) != first.key
+
+
+def test_measured_verification_leaves_the_cache_as_it_was():
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    prof = measure_costs(target, lengths=(1, 3), context=5, repeats=1)
+    assert prof.lengths == [1, 3] and len(prof.verify_s) == 2 and prof.hardware
+
+
+def test_calibration_starts_at_the_raw_score_and_learns():
+    cal = Calibrator()
+    raw = torch.tensor([0.005, 0.55, 0.97])
+    assert torch.allclose(cal(raw), torch.tensor([0.005, 0.55, 0.975]), atol=0.01)
+    cal.update(torch.full((200,), 0.55), torch.zeros(200, dtype=torch.bool))  # 0.55 never accepted
+    assert cal(torch.tensor([0.55]))[0] < 0.02 and cal(torch.tensor([0.97]))[0] > 0.9  # other bins untouched
+
+
+def test_choice_pays_for_what_it_verifies():
+    p = torch.tensor([0.9, 0.8, 0.1, 0.05])
+    assert CostRule(flat(0.1, 0.0)).choose(p, 0.0)[0] == 4  # verification free at the margin: everything
+    m, rate = CostRule(flat(0.1, 0.02)).choose(p, 0.0)  # 0.02 s per token: 0.9, 0.8 pay, 0.1 does not
+    assert m == 2 and rate == pytest.approx(2.7 / 0.14)
+    assert CostRule(flat(0.1, 1.0)).choose(p, 0.0)[0] == 0  # nothing pays: the root alone
+
+
+def test_rule_goes_plain_when_drafting_loses_and_probes_again():
+    rule = CostRule(flat(0.1, 0.0), probe_every=2, max_plain=8)
+    rule.after_step(expected_rate=5.0)  # below plain decoding's 10 tok/s
+    assert [rule.take_plain_step() for _ in range(3)] == [True, True, False]
+    rule.after_step(expected_rate=5.0)  # the probe lost again: twice as long
+    assert sum(rule.take_plain_step() for _ in range(10)) == 4
+    rule.after_step(expected_rate=20.0)  # a probe that wins keeps drafting
+    assert not rule.take_plain_step()
+    with pytest.raises(ValueError, match="probe_every"):
+        CostRule(flat(), probe_every=0)
+
+
+def _draft(kind, target):
+    torch.manual_seed(0)
+    if kind == "head":
+        return EagleDraftHead(target.config).attach(target)
+    return DraftLM(tiny_causal_lm("llama", 4, 2, seed=2))
+
+
+@pytest.mark.parametrize("strategy", ["chain", "chain_c2t", "static", "eagle2", "c2t"])
+@pytest.mark.parametrize("draft_kind", ["head", "lm", "self"])
+@pytest.mark.parametrize("profile", ["cheap", "steep", "plain"])
+def test_greedy_output_under_the_cost_rule_is_the_targets(strategy, draft_kind, profile):
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    draft = DraftLM(target) if draft_kind == "self" else _draft(draft_kind, target)
+    want = target.generate(PROMPT[None], do_sample=False, max_new_tokens=30, min_new_tokens=30,
+                           pad_token_id=0)[0, PROMPT.numel():].tolist()
+    prof = {"cheap": flat(0.1, 0.001), "steep": flat(0.1, 0.03), "plain": flat(0.1, 10.0)}[profile]
+    rule = CostRule(prof, probe_every=2, max_plain=4)
+    gen = SpeculativeGenerator(target, draft, tiny_strategies(k=3, depth=2, total=10)[strategy], eos_token_id=[],
+                               budget=rule, ngram=NgramLookup(num_tokens=4, max_ngram=3))
+    out = gen.generate(PROMPT, max_new_tokens=30)
+    assert out.tokens == want
+    m = out.metrics
+    if profile == "plain":  # no tree pays: every step after a losing probe is a plain step
+        assert m.plain_steps > m.steps // 2 and max(m.draft_tokens) == 0
+    if profile == "cheap" and draft_kind == "self" and strategy in ("chain", "static", "eagle2"):
+        # the target drafting for itself: its raw probabilities are low (a random tiny model), so the
+        # first trees are cut short; the calibration learns that its nodes are always accepted
+        assert m.tau > 1 and min(m.accepted[-3:]) >= 2
+
+
+def test_the_draft_follows_the_text_through_plain_steps():
+    """After plain steps the draft's context is the text: a self-draft accepts its whole chain again."""
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    rule = CostRule(flat(10.0, 0.0), probe_every=3, max_plain=3)  # a plain step "costs" 10 s: drafting wins
+    rule.after_step(0.0)  # start with 3 plain steps
+    gen = SpeculativeGenerator(target, DraftLM(target), Chain(3), eos_token_id=[], budget=rule)
+    rule.reset = lambda: None  # keep the forced plain steps for this run
+    out = gen.generate(PROMPT, max_new_tokens=20)
+    assert out.metrics.plain_steps == 3
+    assert out.metrics.accepted[3:] == [3] * len(out.metrics.accepted[3:])  # every later chain fully accepted
+
+
+def test_budget_is_checked_and_auto_measures_before_anything_changes(tmp_path, monkeypatch):
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    draft = _draft("head", target)
+    with pytest.raises(ValueError, match="budget"):
+        SpeculativeGenerator(target, draft, Chain(2), budget="fast")
+
+    def broken(model, **kw):
+        raise RuntimeError("no timer")
+
+    monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "measure_costs", broken)
+    with pytest.raises(RuntimeError, match="no timer"):
+        SpeculativeGenerator(target, draft, Chain(2), budget="auto")
+    assert not is_patched(target)  # a failed construction leaves the target as it was
+    monkeypatch.setattr(cost, "measure_costs", lambda m, **kw: flat())
+    gen = SpeculativeGenerator(target, draft, Chain(2), budget="auto")
+    assert isinstance(gen.cost_rule, CostRule) and gen.cost_rule.profile == flat()
+
+
+@pytest.mark.slow
+def test_sampling_under_the_cost_rule_is_the_targets_law():
+    V, N = 5, 1500
+    target = tiny_causal_lm("llama", 4, 2, seed=3, vocab=V)
+    draft = DraftLM(tiny_causal_lm("llama", 4, 2, seed=4, vocab=V))
+    prompt = torch.tensor([1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+    class PlainFirst(CostRule):
+        def reset(self):
+            self.plain_left = 1  # the first step after the prefill is a plain step
+
+    # one generator whose trees the rule cuts (0.04 s per verified token), one whose step is plain
+    gens = [SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[],
+                                 budget=rule, ngram=NgramLookup(num_tokens=3, max_ngram=2))
+            for rule in (CostRule(flat(0.1, 0.04)), PlainFirst(flat(0.1, 0.04)))]
+    with torch.no_grad():
+        p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
+        second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8,
+                                             0, 1.0)[0] for a in range(V)])
+    joint = (p1[:, None] * second).flatten().double().numpy()
+    counts = np.zeros(V * V)
+    cut = plain = 0
+    for seed in range(N):
+        out = gens[seed % 2].generate(prompt, max_new_tokens=2, temperature=0.8, seed=seed)
+        a, b = out.tokens[:2]
+        counts[a * V + b] += 1
+        plain += out.metrics.plain_steps
+        cut += seed % 2 == 0 and out.metrics.draft_tokens[0] < 5  # fewer than the whole tree
+    assert plain == N // 2 and cut > N // 10
+    assert chisquare(counts, joint / joint.sum() * N).pvalue > 1e-3
