@@ -51,22 +51,20 @@ def test_training_resumes_from_a_checkpoint(tmp_path):
     # simulate an interrupted run: keep the checkpoint written after step 2, then resume
     import c2t_fast.training.draft_head as dt
 
-    real_save = torch.save
-    calls = {"n": 0}
+    real_replace = dt.os.replace
 
-    def crash_after_first_checkpoint(obj, path):
-        real_save(obj, path)
-        if path.endswith("checkpoint.pt"):
-            calls["n"] += 1
+    def crash_after_first_checkpoint(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("checkpoint.pt"):
             raise KeyboardInterrupt
 
-    dt.torch.save = crash_after_first_checkpoint
+    dt.os.replace = crash_after_first_checkpoint
     try:
         train_draft(target, cache, out, cfg, progress=False)
     except KeyboardInterrupt:
         pass
     finally:
-        dt.torch.save = real_save
+        dt.os.replace = real_replace
     assert os.path.isfile(os.path.join(out, "checkpoint.pt"))
     resumed = train_draft(target, cache, out, cfg, progress=False)
     assert resumed["steps"] == full["steps"]

@@ -227,57 +227,14 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     loss_ids = frequent_ids(data, cfg.loss_vocab) if cfg.loss_vocab else None
     lm_weight = head.lm_head.weight.detach()[loss_ids] if cfg.loss_vocab else None
-    total_steps = cfg.epochs * math.ceil(len(data) / cfg.accumulate)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = os.path.join(out_dir, "checkpoint.pt")
-    state = {"epoch": 0, "index": 0, "step": 0, "history": []}
-    if os.path.isfile(ckpt):  # resume
-        saved = torch.load(ckpt)
-        head.load_state_dict(saved["head"], strict=False)
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-    head.train()
-    after_step = step_hook(head, opt, state["step"]) if step_hook else None
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    orders = [torch.randperm(len(data), generator=order_gen).tolist() for _ in range(cfg.epochs)]
-    total = cfg.epochs * len(data)
-    bar = tqdm(total=total, initial=state["epoch"] * len(data) + state["index"], desc="training draft head",
-               disable=not progress)
-    acc_l = acc_r = acc_c = acc_a = 0.0
-    n_in_step = 0
-    while state["epoch"] < cfg.epochs:
-        order = orders[state["epoch"]]
-        while state["index"] < len(order):
-            seq = data[order[state["index"]]]
-            loss, reg, cls, acc = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), cfg.weight_cls,
-                                                 lm_weight, loss_from=seq.get("loss_from", 0))
-            (loss / cfg.accumulate).backward()
-            acc_l, acc_r, acc_c, acc_a = acc_l + loss.item(), acc_r + reg.item(), acc_c + cls.item(), acc_a + acc.item()
-            n_in_step += 1
-            state["index"] += 1
-            bar.update(1)
-            if n_in_step == cfg.accumulate or state["index"] == len(order):
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, cfg.warmup)
-                opt.step()
-                opt.zero_grad()
-                state["step"] += 1
-                if after_step:
-                    after_step()
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": acc_l / n_in_step,
-                       "reg": acc_r / n_in_step, "cls": acc_c / n_in_step, "top1": acc_a / n_in_step}
-                state["history"].append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=f"{rec['top1']:.3f}")
-                acc_l = acc_r = acc_c = acc_a = 0.0
-                n_in_step = 0
-                if state["step"] % cfg.save_every == 0:
-                    torch.save({"head": {k: v for k, v in head.state_dict().items()
-                                         if not k.startswith(("embed_tokens", "lm_head"))},
-                                "opt": opt.state_dict(), "state": state}, ckpt)
-        state["epoch"] += 1
-        state["index"] = 0
-    bar.close()
+
+    def step_loss(seq):
+        loss, reg, cls, acc = draft_losses(head, seq["ids"].long(), seq["hidden"].float(), cfg.weight_cls, lm_weight,
+                                           loss_from=seq.get("loss_from", 0))
+        return loss, {"loss": loss.item(), "reg": reg.item(), "cls": cls.item(), "top1": acc.item()}
+
+    state = train_loop(head, opt, params, data, cfg, out_dir, step_loss, "training draft head", progress,
+                       frozen=("embed_tokens", "lm_head"), step_hook=step_hook)
     head.eval()
     if loss_ids is not None and cfg.draft_vocab:
         head.restrict_vocab(loss_ids)
@@ -294,9 +251,87 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot(state["history"], os.path.join(out_dir, "training.png"))
-    if os.path.isfile(ckpt):
-        os.remove(ckpt)  # finished: the head itself is the artifact
+    finish_training(out_dir)
     return report
+
+
+def train_loop(head, opt, params: list, data: list, cfg, out_dir: str, step_loss, desc: str, progress: bool,
+               frozen: tuple = (), step_hook=None, on_step=None) -> dict:
+    """The resumable loop every head trains with; returns its state (``step``, ``history``, ...).
+
+    ``cfg``: ``epochs``, ``accumulate`` (sequences per AdamW step), ``grad_clip``, ``lr`` with ``warmup``
+    and the cosine decay of ``lr_factor``, ``save_every`` (optimizer steps between atomic checkpoints of
+    the head without the ``frozen`` prefixes, the optimizer and the state; a rerun resumes from the last
+    one), ``seed`` (the sequence order of each epoch). ``step_loss(seq) -> (loss, {name: float or list of
+    floats})``: the figures are averaged over each optimizer step's sequences into ``history``.
+    ``step_hook(head, opt, step) -> callable``: called once (``step`` > 0 when resuming), its result
+    after every optimizer step (WISCA). ``on_step(state)``: after every optimizer step (evaluations)."""
+    total_steps = cfg.epochs * math.ceil(len(data) / cfg.accumulate)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    state = {"epoch": 0, "index": 0, "step": 0, "history": []}
+    if os.path.isfile(ckpt):  # resume
+        saved = torch.load(ckpt)
+        head.load_state_dict(saved["head"], strict=False)
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+    head.train()
+    after_step = step_hook(head, opt, state["step"]) if step_hook else None
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    orders = [torch.randperm(len(data), generator=order_gen).tolist() for _ in range(cfg.epochs)]
+    bar = tqdm(total=cfg.epochs * len(data), initial=state["epoch"] * len(data) + state["index"], desc=desc,
+               disable=not progress)
+    sums, n_in_step = None, 0
+    while state["epoch"] < cfg.epochs:
+        order = orders[state["epoch"]]
+        while state["index"] < len(order):
+            loss, figures = step_loss(data[order[state["index"]]])
+            (loss / cfg.accumulate).backward()
+            sums = figures if sums is None else {k: _add(sums[k], v) for k, v in figures.items()}
+            n_in_step += 1
+            state["index"] += 1
+            bar.update(1)
+            if n_in_step == cfg.accumulate or state["index"] == len(order):
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, cfg.warmup)
+                opt.step()
+                opt.zero_grad()
+                state["step"] += 1
+                if after_step:
+                    after_step()
+                rec = {"step": state["step"], "epoch": state["epoch"], "sequences": n_in_step,
+                       **{k: _scale(v, 1 / n_in_step) for k, v in sums.items()}}
+                state["history"].append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                sums, n_in_step = None, 0
+                if on_step:
+                    on_step(state)
+                if state["step"] % cfg.save_every == 0:
+                    tmp = ckpt + ".tmp"  # never a half-written checkpoint after an interruption
+                    torch.save({"head": {k: v for k, v in head.state_dict().items() if not k.startswith(frozen)},
+                                "opt": opt.state_dict(), "state": state}, tmp)
+                    os.replace(tmp, ckpt)
+        state["epoch"] += 1
+        state["index"] = 0
+    bar.close()
+    head.eval()
+    return state
+
+
+def finish_training(out_dir: str) -> None:
+    """Drop the checkpoint of a finished run: the head itself is the artifact."""
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    if os.path.isfile(ckpt):
+        os.remove(ckpt)
+
+
+def _add(a, b):
+    return [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
+
+
+def _scale(a, f):
+    return [x * f for x in a] if isinstance(a, list) else a * f
 
 
 def _plot(history: list[dict], path: str) -> None:

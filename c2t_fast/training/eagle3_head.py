@@ -24,17 +24,15 @@ target's LM head rows of the draft vocabulary (the cache holds no logits).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..decoding.hub_heads import Eagle3DraftHead, eagle3_feature_layers
 from ..hf import adapter as hf
 from ..hf import layers as hf_layers
-from .draft_head import load_cached, lr_factor, split_validation
+from .draft_head import finish_training, load_cached, split_validation, train_loop
 from .unrolled import chain_acceptance, chain_targets, unrolled_logits
 
 
@@ -146,72 +144,33 @@ def train_eagle3(target, cache_dir: str, out_dir: str, config: Eagle3TrainConfig
     lm_rows = hf.lm_head(target).weight.detach()[vocab_ids].float()
     params = [p for n, p in head.named_parameters() if p.requires_grad and not n.startswith("embed_tokens")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    total_steps = cfg.epochs * math.ceil(len(data) / cfg.accumulate)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = os.path.join(out_dir, "checkpoint.pt")
-    state = {"epoch": 0, "index": 0, "step": 0, "history": [], "evals": [], "positions": 0}
-    if os.path.isfile(ckpt):  # resume
-        saved = torch.load(ckpt)
-        head.load_state_dict(saved["head"], strict=False)
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-    head.train()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    orders = [torch.randperm(len(data), generator=gen).tolist() for _ in range(cfg.epochs)]
-    bar = tqdm(total=cfg.epochs * len(data), initial=state["epoch"] * len(data) + state["index"],
-               desc="training EAGLE-3 head", disable=not progress)
-    sums = None
-    n_in_step = 0
-    while state["epoch"] < cfg.epochs:
-        order = orders[state["epoch"]]
-        while state["index"] < len(order):
-            seq = data[order[state["index"]]]
-            loss, ces, accs, _ = ttt_losses(head, seq, lm_rows, cfg.steps, cfg.step_decay)
-            (loss / cfg.accumulate).backward()
-            state["positions"] += seq["ids"].numel() - 1 - seq.get("loss_from", 0)
-            row = [loss.item(), *ces, *accs]
-            sums = row if sums is None else [a + b for a, b in zip(sums, row)]
-            n_in_step += 1
-            state["index"] += 1
-            bar.update(1)
-            if n_in_step == cfg.accumulate or state["index"] == len(order):
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, cfg.warmup)
-                opt.step()
-                opt.zero_grad()
-                state["step"] += 1
-                avg = [x / n_in_step for x in sums]
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": avg[0],
-                       "ce": avg[1:1 + cfg.steps], "top1": avg[1 + cfg.steps:]}
-                state["history"].append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=f"{rec['top1'][0]:.3f}")
-                sums, n_in_step = None, 0
-                if cfg.eval_every and val and state["step"] % cfg.eval_every == 0:  # acceptance vs training tokens
-                    state["evals"].append({**chain_acceptance(head, val, cfg.steps), "step": state["step"],
-                                           "trained_positions": state["positions"]})
-                if state["step"] % cfg.save_every == 0:
-                    tmp = ckpt + ".tmp"
-                    torch.save({"head": {k: v for k, v in head.state_dict().items() if not k.startswith("embed_tokens")},
-                                "opt": opt.state_dict(), "state": state}, tmp)
-                    os.replace(tmp, ckpt)
-        state["epoch"] += 1
-        state["index"] = 0
-    bar.close()
-    head.eval()
+
+    def step_loss(seq):
+        loss, ces, accs, _ = ttt_losses(head, seq, lm_rows, cfg.steps, cfg.step_decay)
+        return loss, {"loss": loss.item(), "ce": ces, "top1": accs,
+                      "positions": seq["ids"].numel() - 1 - seq.get("loss_from", 0)}
+
+    def evaluate(state):  # the held-out acceptance against the trained positions seen so far
+        if cfg.eval_every and val and state["step"] % cfg.eval_every == 0:
+            seen = sum(h["positions"] * h["sequences"] for h in state["history"])
+            state.setdefault("evals", []).append({**chain_acceptance(head, val, cfg.steps), "step": state["step"],
+                                                  "trained_positions": int(round(seen))})
+
+    state = train_loop(head, opt, params, data, cfg, out_dir, step_loss, "training EAGLE-3 head", progress,
+                       frozen=("embed_tokens",), on_step=evaluate)
     head.save_pretrained(out_dir)
     report = {"config": asdict(cfg), "feature_layers": list(layers), "sequences": len(data),
               "tokens": int(sum(s["ids"].numel() for s in data)),
               "trained_positions": int(sum(s["ids"].numel() - 1 - s.get("loss_from", 0) for s in data)),
               "draft_vocab_coverage": coverage, "steps": state["step"],
-              "validation": chain_acceptance(head, val, cfg.steps) if val else None, "evals": state["evals"],
+              "validation": chain_acceptance(head, val, cfg.steps) if val else None, "evals": state.get("evals", []),
               "history": state["history"]}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    plot_history(state["history"], os.path.join(out_dir, "training.png"), state["evals"])
-    if os.path.isfile(ckpt):
-        os.remove(ckpt)  # finished: the head itself is the artifact
+    plot_history(state["history"], os.path.join(out_dir, "training.png"), state.get("evals", []))
+    finish_training(out_dir)
     return report
+
 
 
 def plot_history(history: list[dict], path: str, evals: list[dict] = ()) -> None:
