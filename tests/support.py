@@ -104,3 +104,16 @@ def tiny_strategies(k: int = 4, depth: int = 3, total: int = 20) -> dict:
     return {"chain": Chain(k), "chain_c2t": ChainC2T(clf, beta=0.3, top_m=50), "static": Static(),
             "eagle2": Eagle2(top_k=k, depth=depth, total_tokens=total),
             "c2t": C2T(clf, beta=0.3, top_k=k, d_max=k, top_m=50)}
+
+
+def two_token_law(target, prompt: torch.Tensor, temperature: float):
+    """The target's joint law of its first two sampled tokens after ``prompt`` at ``temperature``
+    (float64 numpy ``[V * V]``, cell a * V + b): what a lossless sampler must reproduce."""
+    from c2t_fast.hf.adapter import sampling_probs
+
+    V = target.config.vocab_size
+    with torch.no_grad():
+        p1 = sampling_probs(target(prompt[None]).logits[0, -1], temperature, 0, 1.0)[0]
+        second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1],
+                                             temperature, 0, 1.0)[0] for a in range(V)])
+    return (p1[:, None] * second).flatten().double().numpy()

@@ -17,9 +17,8 @@ from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
 from c2t_fast.decoding.ngram import NgramLookup
 from c2t_fast.decoding.strategies import Chain, Eagle2
-from c2t_fast.hf.adapter import sampling_probs
 from c2t_fast.hf.attention import is_patched
-from support import tiny_causal_lm, tiny_strategies
+from support import tiny_causal_lm, tiny_strategies, two_token_law
 
 PROMPT = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79, 3, 14, 15, 92, 65, 35])
 
@@ -166,6 +165,7 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
     target = tiny_causal_lm("llama", 4, 2, seed=3, vocab=V)
     draft = DraftLM(tiny_causal_lm("llama", 4, 2, seed=4, vocab=V))
     prompt = torch.tensor([1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+
     class PlainFirst(CostRule):
         def reset(self):
             self.plain_left = 1  # the first step after the prefill is a plain step
@@ -174,11 +174,7 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
     gens = [SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[],
                                  budget=rule, ngram=NgramLookup(num_tokens=3, max_ngram=2))
             for rule in (CostRule(flat(0.1, 0.04)), PlainFirst(flat(0.1, 0.04)))]
-    with torch.no_grad():
-        p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
-        second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8,
-                                             0, 1.0)[0] for a in range(V)])
-    joint = (p1[:, None] * second).flatten().double().numpy()
+    joint = two_token_law(target, prompt, 0.8)
     counts = np.zeros(V * V)
     cut = plain = 0
     for seed in range(N):

@@ -12,10 +12,9 @@ from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
 from c2t_fast.decoding.ngram import NgramLookup, graft
 from c2t_fast.decoding.strategies import Eagle2
-from c2t_fast.hf.adapter import sampling_probs
 from c2t_fast.kernels import ops
 from c2t_fast.training.tree_dataset import TreeRecorder
-from support import tiny_causal_lm, tiny_strategies
+from support import tiny_causal_lm, tiny_strategies, two_token_law
 
 
 def brute_force(history, lookup):
@@ -115,11 +114,7 @@ def test_sampling_with_ngram_branches_is_the_targets_law():
     prompt = torch.tensor([1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
     gen = SpeculativeGenerator(target, draft, Eagle2(top_k=1, depth=1, total_tokens=2), eos_token_id=[],
                                ngram=NgramLookup(num_tokens=3, max_ngram=2))
-    with torch.no_grad():
-        p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
-        second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8,
-                                             0, 1.0)[0] for a in range(V)])
-    joint = (p1[:, None] * second).flatten().double().numpy()
+    joint = two_token_law(target, prompt, 0.8)
     counts = np.zeros(V * V)
     grafted = 0
     for seed in range(N):
