@@ -67,3 +67,31 @@ def test_published_heads_and_the_generate_front_door_on_cuda(tmp_path, kind):
     got = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0, custom_generate=c2t_fast.generate,
                           draft=head, strategy=_strategy("c2t"))
     assert got.tolist() == plain.tolist()
+
+
+@pytest.mark.parametrize("strategy", ["chain", "eagle2", "c2t"])
+def test_cost_rule_and_a_trained_eagle3_head_on_cuda(tmp_path, monkeypatch, strategy):
+    """budget="auto" measures the verification cost on the GPU (synchronised timings, cached), cuts the
+    trees there and runs plain steps; an EAGLE-3 head in our saved layout, loaded onto the GPU, drafts."""
+    from c2t_fast.decoding.cost import CostRule, load_costs
+    from c2t_fast.decoding.hub_heads import eagle3_feature_layers
+    from c2t_fast.decoding.loading import load_draft
+    from c2t_fast.training.eagle3_head import new_eagle3_head
+
+    monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    target = tiny_causal_lm("llama", 6, 2, seed=1, layers=8).cuda()
+    prof = load_costs(target, progress=False)
+    assert prof.lengths[0] == 1 and all(s > 0 for s in prof.verify_s)
+    head = new_eagle3_head(target, torch.arange(0, 97, 3), eagle3_feature_layers(8))
+    head.save_pretrained(str(tmp_path / "e3"))
+    head = load_draft(str(tmp_path / "e3"), target)
+    assert next(head.parameters()).is_cuda
+    ids = PROMPT.cuda()[None]
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
+                           eos_token_id=None, pad_token_id=0)[0, PROMPT.numel():].tolist()
+    for budget in ("auto", CostRule(prof, probe_every=1, max_plain=2, margin=100.0)):  # the second: mostly plain
+        gen = SpeculativeGenerator(target, head, _strategy(strategy), eos_token_id=[], budget=budget,
+                                   ngram=NgramLookup(num_tokens=4))
+        out = gen.generate(PROMPT, max_new_tokens=30)
+        assert out.tokens == want
+    assert out.metrics.plain_steps > 0
