@@ -209,7 +209,8 @@ def _train_draft(args) -> int:
 
         cfg = Eagle3TrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
                                 steps=args.ttt_steps, draft_vocab=args.loss_vocab or vocab_size(target),
-                                val_fraction=args.held_out, eval_every=args.eval_every)
+                                val_fraction=args.held_out, eval_every=args.eval_every,
+                                probe_init=not args.no_probe_init)
         report = train_eagle3(target, cache, args.out, cfg)
     else:
         cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--loss-vocab", type=int, default=8192, help="token ids in the training CE and the head's draft "
                                                                "vocabulary (0: all)")
     d.add_argument("--ttt-steps", type=int, default=3, help="eagle3: training-time test unroll (steps weighted 0.8^i)")
+    d.add_argument("--no-probe-init", action="store_true", help="eagle3: start fc as the projection onto the highest "
+                                                                 "feature instead of a least-squares probe")
     d.add_argument("--eval-every", type=int, default=0, help="eagle3: optimizer steps between held-out acceptance "
                                                              "figures (the acceptance vs training tokens curve)")
     d.add_argument("--held-out", type=float, default=0.05, help="share of the cached sequences held out for the "

@@ -93,7 +93,7 @@ def test_train_resume_save_load_and_draft(tmp_path):
     with open(os.path.join(cache, "meta.json")) as f:
         assert json.load(f)["feature_layers"] == list(eagle3_feature_layers(LAYERS))
     cfg = Eagle3TrainConfig(epochs=12, lr=3e-3, accumulate=2, save_every=3, draft_vocab=60, val_fraction=0.2,
-                            eval_every=20)
+                            eval_every=20, probe_init=False)  # from the plain start: the losses must fall
     out = str(tmp_path / "head")
     report = train_eagle3(target, cache, out, cfg, progress=False)
     hist = report["history"]
@@ -150,6 +150,27 @@ def test_training_resumes_after_an_interruption(tmp_path, monkeypatch):
     resumed = train_eagle3(target, cache, str(tmp_path / "resumed"), cfg, progress=False)
     assert resumed["steps"] == full["steps"]
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], rel=1e-5)
+
+
+def test_probe_init_makes_the_fresh_head_a_linear_probe_of_the_next_hidden_state(tmp_path):
+    from c2t_fast.training.draft_head import load_cached
+    from c2t_fast.training.eagle3_head import probe_init, ttt_losses
+
+    target = _target()
+    data = load_cached(_cached(target, tmp_path, n=16))
+    vocab = torch.arange(97)
+    plain = new_eagle3_head(target, vocab, eagle3_feature_layers(LAYERS))
+    head = new_eagle3_head(target, vocab, eagle3_feature_layers(LAYERS))
+    residual = probe_init(head, data)
+    assert 0 <= residual < 1
+    seq = data[0]
+    x = seq["aux"][:-1].float()
+    with torch.no_grad():  # the decoder layer adds nothing yet: the output is fc(features)
+        out = head.features_forward(seq["ids"][None, 1:].long(), x[None], torch.arange(x.shape[0])[None], None)[0]
+        torch.testing.assert_close(out, head.fc(x))
+        rows = target.lm_head.weight[vocab]
+        ce = lambda h: sum(ttt_losses(h, s, rows, 1, 0.8)[1][0] for s in data) / len(data)
+        assert ce(head) < ce(plain)  # a better start than the logit lens of one layer
 
 
 def test_draft_vocabulary_counts_the_trained_targets():
