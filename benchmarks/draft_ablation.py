@@ -2,10 +2,13 @@
 3rd token of a drafted chain (``training.unrolled.chain_acceptance``), the expected accepted length of
 a chain of 3, the top-1 agreement of the first token, and each head's training budget.
 
-The held-out sequences are the last ``--held-out`` share of an EAGLE-3 feature cache (the split every
-``train-draft`` run on that cache holds out), greedy replies only.
+The held-out sequences are either the last ``--held-out`` share of an EAGLE-3 feature cache (the split
+every ``train-draft`` run on that cache holds out), or (``--distilled DIR``) fresh replies of the target
+from ``c2t-fast distill-data`` that no head trained on, cached here with the fused features; greedy
+replies only either way.
 
-    python benchmarks/draft_ablation.py --cache runs/draft3/feature_cache \
+    c2t-fast distill-data --out runs/heldout --start 6000 --conversations 32 --batch-size 16 --sample-every 0
+    python benchmarks/draft_ablation.py --distilled runs/heldout --cache runs/heldout_cache \
         --head "EAGLE-1, ShareGPT text (shipped)=default" --head "EAGLE-3, self-distilled=runs/draft3" \
         --out runs/draft_ablation.json > ablation.md
 """
@@ -20,7 +23,10 @@ import time
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cache", required=True, help="feature cache written by train-draft --head eagle3")
+    p.add_argument("--cache", required=True, help="feature cache written by train-draft --head eagle3 (or, with "
+                                                  "--distilled, the directory to cache the held-out replies in)")
+    p.add_argument("--distilled", default=None, help="held-out replies (c2t-fast distill-data): evaluate on all "
+                                                     "of them instead of the cache's held-out share")
     p.add_argument("--head", action="append", required=True, metavar="LABEL=DIR",
                    help="a head directory ('default': the shipped head); repeatable")
     p.add_argument("--held-out", type=float, default=0.05)
@@ -29,13 +35,22 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON of the figures")
     args = p.parse_args()
 
+    from c2t_fast.decoding.hub_heads import eagle3_feature_layers
     from c2t_fast.decoding.loading import DEFAULT_DRAFT_DIR, load_draft
+    from c2t_fast.hf.adapter import text_config
     from c2t_fast.hf.loading import load_target
-    from c2t_fast.training.draft_head import load_cached, split_validation
+    from c2t_fast.training.distill import distilled_sequences
+    from c2t_fast.training.draft_head import cache_hidden_states, load_cached, split_validation
     from c2t_fast.training.unrolled import chain_acceptance
 
     target, _ = load_target(args.target)
-    _, val = split_validation(load_cached(args.cache), args.held_out)
+    if args.distilled:
+        layers = eagle3_feature_layers(text_config(target).num_hidden_layers)
+        cache_hidden_states(target, distilled_sequences(args.distilled, 512, with_loss_from=True), args.cache,
+                            10 ** 9, feature_layers=layers)
+        val = load_cached(args.cache)
+    else:
+        _, val = split_validation(load_cached(args.cache), args.held_out)
     rows = []
     for spec in args.head:
         label, _, path = spec.partition("=")
@@ -51,8 +66,9 @@ def main() -> None:
             budget = {"tokens": r.get("tokens"), "trained_positions": r.get("trained_positions"),
                       "epochs": r.get("config", {}).get("epochs")}
         rows.append({"head": label, "dir": path, **acc, "budget": budget, "eval_s": round(time.perf_counter() - t, 1)})
+    where = f"replies in {args.distilled}" if args.distilled else f"cache {args.cache}, last {args.held_out:.0%}"
     print(f"Held-out: {rows[0]['positions']} positions of {sum(not s.get('sampled') for s in val)} greedy replies "
-          f"(cache {args.cache}, last {args.held_out:.0%}).\n")
+          f"({where}).\n")
     print("| head | training tokens (trained positions), epochs | 1st | 2nd given 1st | 3rd given 2 | "
           "expected accepted of 3 |")
     print("|---|---|---|---|---|---|")

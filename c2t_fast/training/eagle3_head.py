@@ -121,6 +121,18 @@ def load_eagle3_cache(cache_dir: str) -> list[dict]:
     return data
 
 
+def feature_scale(data: list[dict], max_positions: int = 200_000) -> torch.Tensor:
+    """Per-dimension RMS of the fused features (float32 ``[3 Ht]``, floored away from zero)."""
+    X = torch.cat([s["aux"].float() for s in data])[:max_positions]
+    rms = X.pow(2).mean(0).sqrt()
+    return rms.clamp(min=1e-3 * float(rms.mean()) + 1e-12)
+
+
+def standardised(data: list[dict], scale: torch.Tensor) -> list[dict]:
+    """Copies of the cached sequences with ``aux / scale`` (float32)."""
+    return [{**s, "aux": s["aux"].float() / scale} for s in data]
+
+
 @torch.no_grad()
 def probe_init(head: Eagle3DraftHead, data: list[dict], max_positions: int = 200_000, ridge: float = 1e-3) -> float:
     """Start the head as a linear probe: ``fc`` fits (least squares, ridge-regularised) the target's
@@ -165,6 +177,12 @@ def train_eagle3(target, cache_dir: str, out_dir: str, config: Eagle3TrainConfig
         layers = tuple(json.load(f)["feature_layers"])
     vocab_ids, coverage = draft_vocabulary(data, cfg.draft_vocab)
     head = new_eagle3_head(target, vocab_ids, layers)
+    # Train fc on per-dimension standardised features (folded back into fc at the end: the saved head
+    # reads the raw features). The residual streams have a few huge dimensions, and Adam moves every
+    # weight by about the learning rate: on raw features one step at 5e-5 took SmolLM2's probe-initialised
+    # head from a soft CE of 3.6 to 8.7.
+    scale = feature_scale(data)
+    data, val = standardised(data, scale), standardised(val, scale)
     if cfg.probe_init:
         probe_init(head, data)
     lm_rows = hf.lm_head(target).weight.detach()[vocab_ids].float()
@@ -184,13 +202,15 @@ def train_eagle3(target, cache_dir: str, out_dir: str, config: Eagle3TrainConfig
 
     state = train_loop(head, opt, params, data, cfg, out_dir, step_loss, "training EAGLE-3 head", progress,
                        frozen=("embed_tokens",), on_step=evaluate)
+    validation = chain_acceptance(head, val, cfg.steps) if val else None
+    with torch.no_grad():
+        head.fc.weight.div_(scale.to(head.fc.weight))  # fc(x / s) = (W / s) x: the head reads raw features
     head.save_pretrained(out_dir)
     report = {"config": asdict(cfg), "feature_layers": list(layers), "sequences": len(data),
               "tokens": int(sum(s["ids"].numel() for s in data)),
               "trained_positions": int(sum(s["ids"].numel() - 1 - s.get("loss_from", 0) for s in data)),
               "draft_vocab_coverage": coverage, "steps": state["step"],
-              "validation": chain_acceptance(head, val, cfg.steps) if val else None, "evals": state.get("evals", []),
-              "history": state["history"]}
+              "validation": validation, "evals": state.get("evals", []), "history": state["history"]}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot_history(state["history"], os.path.join(out_dir, "training.png"), state.get("evals", []))
