@@ -60,9 +60,10 @@ def _add_budget_flag(p, many: bool):
                                                          "measured verification cost, plain steps when no tree "
                                                          "pays), e.g. none,auto for the ablation")
     else:
-        p.add_argument("--budget", choices=("none", "auto"), default="none",
-                       help="auto: size each tree by this machine's measured verification cost (measured once, "
-                            "cached) and run plain steps when no tree pays")
+        p.add_argument("--budget", choices=("none", "auto"), default="auto",
+                       help="auto (default): size each tree by this machine's measured verification cost "
+                            "(measured once, cached) and run plain steps when no tree pays; none: verify each "
+                            "tree as the strategy grows it")
 
 
 def _add_device_flag(p):

@@ -3,6 +3,11 @@ import os
 # Set before anything imports transformers or triton: tests never touch a hub, and Triton kernels
 # run through the interpreter on CPU-only machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Cost profiles measured by tests (under test load) never land in the user's cache.
+if "C2T_FAST_COST_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["C2T_FAST_COST_DIR"] = tempfile.mkdtemp(prefix="c2t-fast-test-costs-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -33,6 +33,8 @@ def test_profile_interpolates_and_extends():
     prof = CostProfile([1, 2, 4], [1.0, 1.5, 2.5])
     assert prof.verify(1) == 1.0 and prof.verify(3) == pytest.approx(2.0) and prof.verify(6) == pytest.approx(3.5)
     assert [r for _, _, r in prof.table()] == [1.0, 1.5, 2.5]
+    noisy = CostProfile([1, 2, 4, 8], [1.0, 2.0, 1.5, 3.0])  # T = 4 measured below T = 2: never cheaper
+    assert noisy.verify(4) == 2.0 and noisy.verify(3) == 2.0 and noisy.verify(6) == pytest.approx(2.5)
     for bad in (dict(lengths=[2, 4], verify_s=[1, 2]), dict(lengths=[1, 1], verify_s=[1, 2]),
                 dict(lengths=[1, 2], verify_s=[1, 0]), dict(lengths=[1, 2], verify_s=[1])):
         with pytest.raises(ValueError, match="CostProfile"):
@@ -41,6 +43,7 @@ def test_profile_interpolates_and_extends():
 
 def test_costs_are_measured_once_cached_and_refreshable(tmp_path, monkeypatch):
     monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    monkeypatch.delenv("C2T_FAST_COST_DIR", raising=False)
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     calls = []
     real = cost.measure_costs
@@ -150,6 +153,7 @@ def test_budget_is_checked_and_auto_measures_before_anything_changes(tmp_path, m
         raise RuntimeError("no timer")
 
     monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    monkeypatch.delenv("C2T_FAST_COST_DIR", raising=False)
     monkeypatch.setattr(cost, "measure_costs", broken)
     with pytest.raises(RuntimeError, match="no timer"):
         SpeculativeGenerator(target, draft, Chain(2), budget="auto")

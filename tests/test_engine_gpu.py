@@ -79,6 +79,7 @@ def test_cost_rule_and_a_trained_eagle3_head_on_cuda(tmp_path, monkeypatch, stra
     from c2t_fast.training.eagle3_head import new_eagle3_head
 
     monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))
+    monkeypatch.delenv("C2T_FAST_COST_DIR", raising=False)
     target = tiny_causal_lm("llama", 6, 2, seed=1, layers=8).cuda()
     prof = load_costs(target, progress=False)
     assert prof.lengths[0] == 1 and all(s > 0 for s in prof.verify_s)

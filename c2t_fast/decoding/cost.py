@@ -2,8 +2,8 @@
 
 ``CostProfile``: the target's tree-verification pass timed for T = 1..64 tree tokens after a context
 (medians of a few runs), measured once per machine, model, dtype, device and thread count in a few
-seconds and cached as JSON under ``~/.cache/c2t_fast/cost_profiles`` (``C2T_FAST_CACHE`` overrides the
-root; ``refresh=True`` measures again).
+seconds and cached as JSON under ``~/.cache/c2t_fast/cost_profiles`` (``C2T_FAST_CACHE`` moves the
+root, ``C2T_FAST_COST_DIR`` the folder itself; ``refresh=True`` measures again).
 
 ``CostRule``: each step, after the strategy has grown its tree, every drafted node gets an estimate of
 the probability that it is accepted (its whole path, that is). With C2T, the classifier's confidence
@@ -21,6 +21,7 @@ so a draft that does not pay costs at most its probes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -77,8 +78,10 @@ class CostProfile:
             raise ValueError("CostProfile needs increasing lengths starting at 1 and a positive time for each")
 
     def verify(self, T: int) -> float:
-        """t_verify(T): linear between measured lengths, extended past the last one by its slope."""
-        L, S = self.lengths, self.verify_s
+        """t_verify(T): linear between measured lengths, extended past the last one by its slope, over
+        the running maximum of the measurements (more tokens never cost less; a noisy machine can
+        measure T = 24 below T = 16, and the rule must not buy nodes on that noise)."""
+        L, S = self.lengths, list(itertools.accumulate(self.verify_s, max))
         if T <= 1:
             return S[0]
         for i in range(1, len(L)):
@@ -136,7 +139,8 @@ def load_costs(target, refresh: bool = False, progress: bool = True) -> CostProf
     from ..hf.adapter import device_of
 
     key = profile_key(target, device_of(target))
-    path = os.path.join(cache_root(), "cost_profiles", f"{key}.json")
+    path = os.path.join(os.environ.get("C2T_FAST_COST_DIR") or os.path.join(cache_root(), "cost_profiles"),
+                        f"{key}.json")
     if not refresh and os.path.isfile(path):
         try:
             with open(path) as f:

@@ -179,8 +179,11 @@ class SpeculativeGenerator:
                         tree = sized[0]
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
-                b = ops.build_tree(tree.parents, prefix)
-                hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits, features)
+                if plain:  # one token appended causally: the model's own fast path, no tree bits
+                    hid, logits = target.forward(tree.tokens, cache, feature_layers=features)
+                else:
+                    b = ops.build_tree(tree.parents, prefix)
+                    hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits, features)
                 if sample:
                     probs = sampling_probs(logits, temperature, top_k, top_p)
                     u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen).to(device)
