@@ -11,8 +11,8 @@ the probability that it is accepted (its whole path, that is). With C2T, the cla
 counts with a prior at the raw score). With the other strategies, the product along the path of each
 node's calibrated chance of acceptance given its parent's, from the draft's conditional probability
 of the node (EAGLE-2's joint probability, calibrated factor by factor: a deep node's factors are
-shallow nodes' scores, which verification keeps observing). n-gram nodes by their own per-depth rate. The step verifies the m most probable nodes (closed under parents) for the m
-that maximises expected tokens per second, (1 + sum of their probabilities) / (draft time + t_verify(1 +
+shallow nodes' scores, which verification keeps observing). n-gram nodes by their own per-depth rate.
+The step verifies the m most probable nodes (closed under parents) for the m that maximises expected tokens per second, (1 + sum of their probabilities) / (draft time + t_verify(1 +
 m)), m = 0 included. When the best expected rate of a speculative step falls below a plain decoding
 step's (1 / t_verify(1)), the engine runs plain steps (no draft call) for a while, then probes again:
 so a draft that does not pay costs at most its probes.
@@ -46,6 +46,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _hardware(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's with the thread count torch uses."""
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+
+
 def profile_key(model, device: torch.device) -> str:
     """What the costs depend on: the model's config, dtype, device (and which GPU or CPU), threads,
     torch version."""
@@ -54,8 +59,8 @@ def profile_key(model, device: torch.device) -> str:
     cfg = text_config(model).to_dict() if hasattr(text_config(model), "to_dict") else vars(text_config(model))
     dtype = str(next(model.parameters()).dtype)
     dev = torch.device(device)
-    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
-    blob = json.dumps({"config": cfg, "dtype": dtype, "device": dev.type, "hw": hw, "torch": torch.__version__},
+    blob = json.dumps({"config": cfg, "dtype": dtype, "device": dev.type, "hw": _hardware(dev),
+                       "torch": torch.__version__},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -76,12 +81,14 @@ class CostProfile:
                 or any(b <= a for a, b in zip(self.lengths, self.lengths[1:]))
                 or any(not (isinstance(s, (int, float)) and s > 0) for s in self.verify_s)):
             raise ValueError("CostProfile needs increasing lengths starting at 1 and a positive time for each")
+        # more tokens never cost less: a noisy machine can measure T = 24 below T = 16, and the rule must
+        # not buy nodes on that noise (computed once: verify() runs per candidate node every step)
+        self._envelope = list(itertools.accumulate(self.verify_s, max))
 
     def verify(self, T: int) -> float:
         """t_verify(T): linear between measured lengths, extended past the last one by its slope, over
-        the running maximum of the measurements (more tokens never cost less; a noisy machine can
-        measure T = 24 below T = 16, and the rule must not buy nodes on that noise)."""
-        L, S = self.lengths, list(itertools.accumulate(self.verify_s, max))
+        the running maximum of the measurements."""
+        L, S = self.lengths, self._envelope
         if T <= 1:
             return S[0]
         for i in range(1, len(L)):
@@ -126,8 +133,8 @@ def measure_costs(target, lengths=LENGTHS, context: int = 128, repeats: int = 5)
                     times.append(time.perf_counter() - t0)
                 crop_cache(cache, context)
             out.append(sorted(times)[len(times) // 2])
-    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
-    return CostProfile(list(lengths), out, context, hw, time.strftime("%Y-%m-%d %H:%M:%S"), profile_key(target, dev))
+    return CostProfile(list(lengths), out, context, _hardware(dev), time.strftime("%Y-%m-%d %H:%M:%S"),
+                       profile_key(target, dev))
 
 
 def cache_root() -> str:
