@@ -123,8 +123,8 @@ def train_loop(model, opt, params, blocks: torch.Tensor, order: torch.Tensor, ev
     while state["step"] < args.steps:
         step = state["step"]
         x = blocks[order[(step * args.batch) % order.numel():][: args.batch]]
-        for g in opt.param_groups:
-            g["lr"] = args.lr * cosine_lr(step, args.steps, args.warmup)
+        for g in opt.param_groups:  # groups with their own base LR (per-matrix LR runs) keep its ratio
+            g["lr"] = g.get("base_lr", args.lr) * cosine_lr(step, args.steps, args.warmup)
         logits = model(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         loss.backward()

@@ -1,0 +1,123 @@
+"""Tables and plots of the WISCA study (``experiments.wisca.study``): every configuration at its own
+best learning rate, the whole loss-vs-LR grid, and the follow-up configurations beside the baseline,
+WISCA and init-only WISCA at the same learning rate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .common import compare, mean_spread
+from .report import _smooth
+from .study import FOLLOWUP, SWEEP, best_lrs, results
+
+METRICS = ("val_loss", "val_ppl", "final_train_loss")
+
+
+def summarize(out: str) -> dict:
+    found = results(out)
+    groups = sorted({g for g, _, _ in found})
+    summary: dict = {}
+    for g in groups:
+        configs = [c for c in (*SWEEP, *FOLLOWUP) if best_lrs(found, g, c)]
+        grid = {c: {f"{lr:g}": {m: mean_spread([r[m] for r in sorted(rs, key=lambda r: r["seed"])]) for m in METRICS}
+                    for (gg, cc, lr), rs in sorted(found.items()) if gg == g and cc == c} for c in configs}
+        best = {}
+        for c in configs:
+            lr, _ = best_lrs(found, g, c)[0]
+            best[c] = {"lr": lr, **grid[c][f"{lr:g}"]}
+        base = best.get("baseline")
+        for c, b in best.items():
+            if base and c != "baseline":
+                b["vs_baseline_at_its_best"] = {m: compare(base[m], b[m]) for m in ("val_loss", "val_ppl")}
+        summary[f"g{g}"] = {"grid": grid, "best": best}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _ms(x: dict, digits: int = 4) -> str:
+    return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for gname, s in summary.items():
+        grid, best = s["grid"], s["best"]
+        lrs = sorted({lr for c in grid.values() for lr in c}, key=float)
+        lines += [f"### GQA group {gname[1:]}", "", "Each configuration at its own best learning rate "
+                  "(lowest mean validation loss over the seeds):", "",
+                  "| config | best LR | seeds | val loss | val PPL | Δ val PPL vs baseline at its best | > spread? |",
+                  "|---|---|---|---|---|---|---|"]
+        for c, b in best.items():
+            cmp = b.get("vs_baseline_at_its_best", {}).get("val_ppl")
+            lines.append(f"| {c} | {b['lr']:g} | {b['val_loss']['n']} | {_ms(b['val_loss'])} | {_ms(b['val_ppl'], 2)} | "
+                         + (f"{cmp['rel'] * 100:+.2f}% | {'yes' if cmp['exceeds_spread'] else 'no'} |" if cmp
+                            else "— | — |"))
+        lines += ["", "Validation loss at every learning rate (mean ± std over seeds):", "",
+                  "| config | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for c, row in grid.items():
+            lines.append(f"| {c} | " + " | ".join(_ms(row[lr]["val_loss"]) if lr in row else "" for lr in lrs) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sweep(out: str, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(6.5 * len(summary), 4.5), squeeze=False)
+    for ax, (gname, s) in zip(axes[0], summary.items()):
+        for i, (c, row) in enumerate(s["grid"].items()):
+            lrs = sorted(row, key=float)
+            x = [float(lr) for lr in lrs]
+            y = [row[lr]["val_loss"]["mean"] for lr in lrs]
+            e = [row[lr]["val_loss"]["std"] for lr in lrs]
+            style = dict(marker="o", lw=1.2) if c in SWEEP else dict(marker="s", lw=0, elinewidth=1.2)
+            ax.errorbar(x, y, yerr=e, color=f"C{i % 10}", capsize=3, label=c, **style)
+        ax.set(xscale="log", xlabel="peak learning rate (AdamW, cosine)", ylabel="validation loss (mean ± std)",
+               title=f"GQA group {gname[1:]}: loss vs learning rate")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "lr_sweep.png"), dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(out: str, summary: dict) -> None:
+    """Train loss (moving average) and validation loss of every configuration at its best LR (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = results(out)
+    fig, axes = plt.subplots(len(summary), 2, figsize=(13, 4 * len(summary)), squeeze=False)
+    for row, (gname, s) in zip(axes, summary.items()):
+        g = int(gname[1:])
+        for i, (c, b) in enumerate(s["best"].items()):
+            rs = sorted(found[(g, c, b["lr"])], key=lambda r: r["seed"])
+            row[0].plot(_smooth(rs[0]["history"], 100), color=f"C{i % 10}", lw=0.9, label=f"{c} (lr {b['lr']:g})")
+            steps, vals = zip(*rs[0]["evals"])
+            row[1].plot(steps, vals, color=f"C{i % 10}", marker=".", lw=0.9, label=f"{c} (lr {b['lr']:g})")
+        row[0].set(xlabel="optimizer step", ylabel="train loss (moving average 100)", title=f"{gname}: train, seed 0")
+        row[1].set(xlabel="optimizer step", ylabel="validation loss", title=f"{gname}: validation, seed 0",
+                   ylim=(None, min(v for (_, v) in rs[0]["evals"]) + 1.0))
+        row[0].legend(fontsize=7)
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_study_report(out: str) -> dict:
+    summary = summarize(out)
+    text = markdown(summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    if summary:
+        plot_sweep(out, summary)
+        plot_curves(out, summary)
+    print(text)
+    return summary
