@@ -111,6 +111,9 @@ def test_study_sweeps_follows_up_and_reports(tmp_path):
     assert "vs_baseline_at_its_best" in best["wisca"]
     text = open(os.path.join(out, "summary.md")).read()
     assert "### GQA group 8" in text and "| per_matrix_lr |" in text
+    runs = json.load(open(os.path.join(out, "runs.json")))
+    assert len(runs) == sum(len(rs) for rs in found.values()) and "history" not in runs[0]
+    assert runs[0]["train_loss_means"] and runs[0]["val_loss"] > 0
     assert os.path.getsize(os.path.join(out, "lr_sweep.png")) > 0
     assert os.path.getsize(os.path.join(out, "loss_curves.png")) > 0
 

@@ -86,33 +86,69 @@ def plot_sweep(out: str, summary: dict) -> None:
 
 
 def plot_curves(out: str, summary: dict) -> None:
-    """Train loss (moving average) and validation loss of every configuration at its best LR (seed 0)."""
+    """Every configuration at its best LR, mean over seeds: train loss (moving average 100), and its train
+    and validation loss minus the baseline's (the curves themselves overlap at this scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     found = results(out)
-    fig, axes = plt.subplots(len(summary), 2, figsize=(13, 4 * len(summary)), squeeze=False)
+    fig, axes = plt.subplots(len(summary), 3, figsize=(18, 4 * len(summary)), squeeze=False)
     for row, (gname, s) in zip(axes, summary.items()):
         g = int(gname[1:])
+        mean_train, mean_val = {}, {}
+        for c, b in s["best"].items():
+            rs = found[(g, c, b["lr"])]
+            smoothed = [_smooth(r["history"], 100) for r in rs]
+            mean_train[c] = [sum(x) / len(x) for x in zip(*smoothed)]
+            steps = [e[0] for e in rs[0]["evals"]]
+            mean_val[c] = (steps, [sum(x) / len(x) for x in zip(*[[e[1] for e in r["evals"]] for r in rs])])
         for i, (c, b) in enumerate(s["best"].items()):
-            rs = sorted(found[(g, c, b["lr"])], key=lambda r: r["seed"])
-            row[0].plot(_smooth(rs[0]["history"], 100), color=f"C{i % 10}", lw=0.9, label=f"{c} (lr {b['lr']:g})")
-            steps, vals = zip(*rs[0]["evals"])
-            row[1].plot(steps, vals, color=f"C{i % 10}", marker=".", lw=0.9, label=f"{c} (lr {b['lr']:g})")
-        row[0].set(xlabel="optimizer step", ylabel="train loss (moving average 100)", title=f"{gname}: train, seed 0")
-        row[1].set(xlabel="optimizer step", ylabel="validation loss", title=f"{gname}: validation, seed 0",
-                   ylim=(None, min(v for (_, v) in rs[0]["evals"]) + 1.0))
-        row[0].legend(fontsize=7)
-        row[1].legend(fontsize=7)
+            label, color = f"{c} (lr {b['lr']:g})", f"C{i % 10}"
+            row[0].plot(mean_train[c], color=color, lw=0.9, label=label)
+            if "baseline" in mean_train:
+                base = mean_train["baseline"]
+                row[1].plot([a - b_ for a, b_ in zip(mean_train[c], base)], color=color, lw=0.9, label=label)
+                steps, vals = mean_val[c]
+                bsteps, bvals = mean_val["baseline"]
+                if steps == bsteps:
+                    row[2].plot(steps[1:], [a - b_ for a, b_ in zip(vals[1:], bvals[1:])], color=color, marker="o",
+                                lw=0.9, label=label)
+        row[0].set(xlabel="optimizer step", ylabel="train loss (moving average 100)", title=f"{gname}: train loss, seed mean")
+        row[1].set(xlabel="optimizer step", ylabel="Δ train loss vs baseline", title=f"{gname}: train loss − baseline's")
+        row[2].set(xlabel="optimizer step", ylabel="Δ validation loss vs baseline",
+                   title=f"{gname}: validation loss − baseline's")
+        for ax in row:
+            ax.legend(fontsize=7)
+        row[1].axhline(0, color="k", lw=0.5)
+        row[2].axhline(0, color="k", lw=0.5)
+        row[1].set_ylim(-0.06, 0.1)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
     plt.close(fig)
 
 
+def compact_runs(out: str, every: int = 100) -> list[dict]:
+    """Every finished run without its per-step losses (``train_loss_means``: means over ``every`` steps),
+    small enough to keep in the repository beside the summary; written to ``OUT/runs.json``."""
+    rows = []
+    for (_, _, _), rs in sorted(results(out).items()):
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            h = r["history"]
+            rows.append({**{k: r[k] for k in ("group", "config", "lr", "seed", "val_loss", "val_ppl",
+                                               "final_train_loss", "evals", "transitions", "init_factors",
+                                               "seconds", "params")},
+                         "train_loss_means": [sum(h[i:i + every]) / len(h[i:i + every]) for i in range(0, len(h), every)]})
+    with open(os.path.join(out, "runs.json"), "w") as f:
+        json.dump(rows, f)
+    return rows
+
+
 def write_study_report(out: str) -> dict:
+    """summary.json, summary.md, runs.json, lr_sweep.png and loss_curves.png from the finished runs."""
     summary = summarize(out)
+    compact_runs(out)
     text = markdown(summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
