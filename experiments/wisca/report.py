@@ -99,11 +99,11 @@ def write_report(out: str, labels: dict[str, str]) -> dict:
 
 
 def write_pretrain_report(out: str) -> dict:
-    return write_report(out, {"final_train_loss": "train loss (last 50)", "val_loss": "val loss", "val_ppl": "val PPL"})
+    return write_report(out, {"final_train_loss": "train loss (last --tail steps)", "val_loss": "val loss", "val_ppl": "val PPL"})
 
 
 def write_lora_report(out: str) -> dict:
-    return write_report(out, {"final_train_loss": "train loss (last 10)", "val_loss": "val loss"})
+    return write_report(out, {"final_train_loss": "train loss (last --tail steps)", "val_loss": "val loss"})
 
 
 def write_draft_report(out: str) -> dict:
