@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from experiments.wisca import study
+from experiments.wisca.common import run_path
 from experiments.wisca.pretrain import make_model
 
 TINY = ["--steps", "4", "--batch", "2", "--seq-len", "16", "--hidden", "32", "--layers", "1", "--heads", "8",
@@ -97,9 +98,9 @@ def test_study_sweeps_follows_up_and_reports(tmp_path):
     assert wisca["history"][0] == pytest.approx(base["history"][0], abs=1e-5)  # output-preserving at init
     assert [t[0] for t in wisca["transitions"]] == [0] and base["transitions"] == []
     assert [e[0] for e in base["evals"]] == [0, 2, 4]
-    mtime = os.path.getmtime(study.run_path(out, study.run_name(4, "baseline", 1e-3), 0))
+    mtime = os.path.getmtime(run_path(out, study.run_name(4, "baseline", 1e-3), 0))
     assert study.main(["--out", out, "--phase", "all", "--groups", "4,8", *TINY]) == 0  # sweep skipped, follow-up run
-    assert os.path.getmtime(study.run_path(out, study.run_name(4, "baseline", 1e-3), 0)) == mtime
+    assert os.path.getmtime(run_path(out, study.run_name(4, "baseline", 1e-3), 0)) == mtime
     found = study.results(out)
     for g in (4, 8):
         lrs = study.followup_lrs(found, g)

@@ -12,10 +12,11 @@ counts with a prior at the raw score). With the other strategies, the product al
 node's calibrated chance of acceptance given its parent's, from the draft's conditional probability
 of the node (EAGLE-2's joint probability, calibrated factor by factor: a deep node's factors are
 shallow nodes' scores, which verification keeps observing). n-gram nodes by their own per-depth rate.
-The step verifies the m most probable nodes (closed under parents) for the m that maximises expected tokens per second, (1 + sum of their probabilities) / (draft time + t_verify(1 +
-m)), m = 0 included. When the best expected rate of a speculative step falls below a plain decoding
-step's (1 / t_verify(1)), the engine runs plain steps (no draft call) for a while, then probes again:
-so a draft that does not pay costs at most its probes.
+The step verifies the m most probable nodes (closed under parents) for the m that maximises expected
+tokens per second, (1 + sum of their probabilities) / (draft time + t_verify(1 + m)), m = 0 included.
+When the best expected rate of a speculative step falls below a plain decoding step's (1 / t_verify(1)),
+the engine runs plain steps (no draft call) for a while, then probes again: so a draft that does not
+pay costs at most its probes.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from multiprocessing import get_context
 
 import torch
 
-from .common import load_done, mean_lm_loss, mean_spread, run_path, save_run, train_loop  # noqa: F401 (run_path: tests)
+from .common import load_done, mean_lm_loss, mean_spread, save_run, train_loop
 from .corpus import build_corpus
 from .pretrain import make_model
 
@@ -99,16 +99,14 @@ def per_matrix_groups(model, lr: float, weight_decay: float) -> tuple[list[dict]
 
 
 def train_job(job: dict) -> dict:
-    """One (group, config, lr, seed) run; saves and returns its result JSON."""
+    """One (group, config, lr, seed) run; saves and returns its result JSON (``run_jobs`` skips finished
+    runs, a checkpoint inside the run resumes it)."""
     from wisca_fast import WiscaScheduler
 
     torch.set_num_threads(job["threads"])
     a = argparse.Namespace(**job["settings"])
     group, config, lr, seed = job["group"], job["config"], job["lr"], job["seed"]
     name = run_name(group, config, lr)
-    done = load_done(a.out, name, seed)
-    if done:
-        return done
     corpus = build_corpus(os.path.join(a.out, "cache"), a.seq_len, a.vocab, a.sharegpt, progress=False)
     model = make_model(corpus["vocab"], a.hidden, a.layers, a.heads, a.heads // group, a.seq_len, seed)
     factors = None

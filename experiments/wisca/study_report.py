@@ -14,18 +14,15 @@ from .study import FOLLOWUP, SWEEP, best_lrs, results
 METRICS = ("val_loss", "val_ppl", "final_train_loss")
 
 
-def summarize(out: str) -> dict:
-    found = results(out)
+def summarize(out: str, found: dict) -> dict:
     groups = sorted({g for g, _, _ in found})
     summary: dict = {}
     for g in groups:
-        configs = [c for c in (*SWEEP, *FOLLOWUP) if best_lrs(found, g, c)]
+        ranked = {c: best_lrs(found, g, c) for c in (*SWEEP, *FOLLOWUP)}
+        configs = [c for c, r in ranked.items() if r]
         grid = {c: {f"{lr:g}": {m: mean_spread([r[m] for r in sorted(rs, key=lambda r: r["seed"])]) for m in METRICS}
                     for (gg, cc, lr), rs in sorted(found.items()) if gg == g and cc == c} for c in configs}
-        best = {}
-        for c in configs:
-            lr, _ = best_lrs(found, g, c)[0]
-            best[c] = {"lr": lr, **grid[c][f"{lr:g}"]}
+        best = {c: {"lr": ranked[c][0][0], **grid[c][f"{ranked[c][0][0]:g}"]} for c in configs}
         base = best.get("baseline")
         for c, b in best.items():
             if base and c != "baseline":
@@ -85,7 +82,7 @@ def plot_sweep(out: str, summary: dict) -> None:
     plt.close(fig)
 
 
-def plot_curves(out: str, summary: dict) -> None:
+def plot_curves(out: str, summary: dict, found: dict) -> None:
     """Every configuration at its best LR, mean over seeds: train loss (moving average 100), and its train
     and validation loss minus the baseline's (the curves themselves overlap at this scale)."""
     import matplotlib
@@ -93,7 +90,6 @@ def plot_curves(out: str, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = results(out)
     fig, axes = plt.subplots(len(summary), 3, figsize=(18, 4 * len(summary)), squeeze=False)
     for row, (gname, s) in zip(axes, summary.items()):
         g = int(gname[1:])
@@ -129,11 +125,11 @@ def plot_curves(out: str, summary: dict) -> None:
     plt.close(fig)
 
 
-def compact_runs(out: str, every: int = 100) -> list[dict]:
+def compact_runs(out: str, found: dict, every: int = 100) -> list[dict]:
     """Every finished run without its per-step losses (``train_loss_means``: means over ``every`` steps),
     small enough to keep in the repository beside the summary; written to ``OUT/runs.json``."""
     rows = []
-    for (_, _, _), rs in sorted(results(out).items()):
+    for _, rs in sorted(found.items()):
         for r in sorted(rs, key=lambda r: r["seed"]):
             h = r["history"]
             rows.append({**{k: r[k] for k in ("group", "config", "lr", "seed", "val_loss", "val_ppl",
@@ -147,13 +143,14 @@ def compact_runs(out: str, every: int = 100) -> list[dict]:
 
 def write_study_report(out: str) -> dict:
     """summary.json, summary.md, runs.json, lr_sweep.png and loss_curves.png from the finished runs."""
-    summary = summarize(out)
-    compact_runs(out)
+    found = results(out)  # every run's JSON, read once
+    summary = summarize(out, found)
+    compact_runs(out, found)
     text = markdown(summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
     if summary:
         plot_sweep(out, summary)
-        plot_curves(out, summary)
+        plot_curves(out, summary, found)
     print(text)
     return summary
