@@ -277,6 +277,39 @@ def fuzz_compact_kv(data):
         ["caches", "prefix_len", "accepted"], exact)
 
 
+@given(st.data())
+def fuzz_skinny_linear(data):
+    draw = data.draw
+    M, K, N = draw(st.integers(0, 70)), draw(st.sampled_from([0, 1, 3, 7, 8, 9, 16, 33])), draw(st.integers(0, 13))
+    x, w = floats_for(draw, (M, K)), floats_for(draw, (N, K))
+    b = draw(st.sampled_from(["none", "ok", "ok", "short", "2d", "double"]))
+    b = {"none": None, "ok": floats_for(draw, (N,)), "short": torch.zeros(N + 1), "2d": torch.zeros(1, N),
+         "double": torch.zeros(N, dtype=torch.float64)}[b]
+    corrupt = draw(st.sampled_from(["none"] * 6 + ["x_dtype", "w_dtype", "k", "w_1d", "x_3d"]))
+    if corrupt == "x_dtype":
+        x = x.to(draw(st.sampled_from([torch.float64, torch.float16, torch.int64])))
+    elif corrupt == "w_dtype":
+        w = w.to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.int32])))
+    elif corrupt == "k":
+        w = floats_for(draw, (N, K + draw(st.sampled_from([1, -1])) if K else 1))
+    elif corrupt == "w_1d":
+        w = w.reshape(-1)
+    elif corrupt == "x_3d":
+        x = x[None]
+    x, w = view_of(draw, x), view_of(draw, w)
+
+    def compare(out, want):
+        # compared with F.linear (fp32) rather than the fp64 reference so that a product that overflows
+        # fp32 (1e30 * 1e30) gives inf/NaN on both sides; at most 3 specials per tensor cannot make a
+        # partial sum overflow in one summation order and not in another
+        assert out.dtype == torch.float32 and out.shape == want.shape
+        fp32 = torch.nn.functional.linear(x, w, b)
+        torch.testing.assert_close(out, fp32, rtol=1e-4, atol=1e-4 * max(K, 1), equal_nan=True)
+
+    run(lambda: OPS.skinny_linear(x, w, b), lambda: reference.skinny_linear(x, w, b), [x, w, b],
+        ["skinny_linear", "x", "weight", "bias"], compare)
+
+
 def _fuzzer(case, **kw):
     @given(st.data())
     def fuzz(data):
@@ -478,7 +511,8 @@ FUZZERS = {"build_tree": fuzz_build_tree, "prune_tree": fuzz_prune_tree, "rerank
            "verify_greedy": fuzz_verify_greedy, "verify_sample": fuzz_verify_sample, "compact_kv": fuzz_compact_kv,
            "tree_attention": fuzz_tree_attention, "score_children": fuzz_score_children,
            "score_children_triton": fuzz_score_children_triton, "tree_attention_triton": fuzz_tree_attention_triton,
-           "_score_tail": fuzz_score_tail, "rescale_attention_": fuzz_rescale_attention}
+           "_score_tail": fuzz_score_tail, "rescale_attention_": fuzz_rescale_attention,
+           "skinny_linear": fuzz_skinny_linear}
 
 
 def main(argv=None) -> int:

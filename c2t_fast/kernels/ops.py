@@ -458,3 +458,51 @@ def score_children(logits: torch.Tensor, top_values: torch.Tensor, top_indices: 
     w1, b1, w2, b2 = weights
     return LayerScores(*torch.ops.c2t_fast.score_children(
         logits, top_values, top_indices, parent_logp, int(depth), int(k), w1, b1, w2, b2, float(beta), bool(log_p)))
+
+
+# ---------------------------------------------------------------------------------------------
+# skinny_linear: a CPU GEMM for few rows (tree verification), C++ with an AVX2/FMA micro-kernel.
+
+
+@torch.library.register_fake("c2t_fast::skinny_linear")
+def _skinny_linear_fake(x, weight, bias=None):
+    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: "skinny_linear: x [M, K] and weight [N, K]")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _skinny_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _skinny_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx = grad @ weight if ctx.needs_input_grad[0] else None
+    gw = grad.T @ x if ctx.needs_input_grad[1] else None
+    gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb
+
+
+torch.library.register_autograd("c2t_fast::skinny_linear", _skinny_linear_backward, setup_context=_skinny_linear_setup)
+
+SKINNY_MAX_ROWS = 64  # measured: past 64 rows MKL/oneDNN are as fast (BENCHMARKS "What a step costs")
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few rows on the CPU, reading each weight row from memory once.
+
+    x ``float32 [..., K]`` (any leading shape, unit stride along K), weight ``float32 [N, K]``
+    contiguous, bias ``float32 [N]`` or None -> ``float32 [..., N]``. Agrees with ``F.linear`` to fp32
+    rounding (a different summation order), not bit for bit. Meant for ``x`` of up to
+    ``SKINNY_MAX_ROWS`` rows; more rows are correct but no faster than ``F.linear``."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"skinny_linear: x must be a tensor [..., K], got {type(x).__name__}"
+                         f"{'' if not isinstance(x, torch.Tensor) else ' of rank 0'}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.ops.c2t_fast.skinny_linear(x2, weight, bias)
+    return y.view(*lead, y.shape[-1])

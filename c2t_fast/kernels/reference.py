@@ -264,3 +264,11 @@ def score_children(logits, top_values, top_indices, parent_logp, depth: int, k: 
     z = torch.relu(feats @ w1.float().T + b1.float()) @ w2.float().T + b2.float()
     conf = torch.sigmoid(z[..., 0])
     return conf, conf >= beta, top_indices[:, :k].clone(), child_lp, entropy
+
+
+def skinny_linear(x, weight, bias=None):
+    """``x [M, K] @ weight[N, K].T (+ bias [N])``, accumulated in float64, returned as float32."""
+    y = x.double() @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
