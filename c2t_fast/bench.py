@@ -9,6 +9,7 @@ in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,9 +21,12 @@ from .decoding.loading import load_classifier, load_draft
 from .decoding.ngram import NgramLookup
 from .decoding.strategies import CLASSIFIER_STRATEGIES, STRATEGIES, Strategy, strategy_from_name, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
+from .hf.fast_linear import stock_linear
 from .hf.loading import load_target
 
-BASELINES = ("ar", "prompt_lookup")  # rows that run the target's own generate(): plain and prompt lookup
+# rows that run the target's own generate(): plain decoding and prompt lookup on the target as loaded (its
+# linear layers through the skinny kernel on a CPU), and plain decoding with torch's own linear layers
+BASELINES = ("ar", "prompt_lookup", "ar_stock")
 PROMPT_LOOKUP_TOKENS = 10  # transformers' prompt_lookup_num_tokens for the prompt-lookup baseline
 
 
@@ -47,6 +51,7 @@ class BenchConfig:
     device: str = "auto"  # "auto": the GPU when there is one
     ngram: tuple = (0,)  # n-gram branch lengths to run each strategy with (0: none)
     budget: tuple = ("none",)  # tree sizing to run each strategy with: "none" (as grown), "auto" (by cost)
+    stock_linear: bool = False  # the target with torch's linear layers everywhere (no skinny kernel)
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple]:
@@ -138,7 +143,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         if name not in STRATEGIES and name not in BASELINES:
             raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES) + list(BASELINES)}")
     runs = _runs(cfg.strategies, cfg.sweeps, cfg.ngram, cfg.budget)
-    target, tok = load_target(cfg.target, device=cfg.device)
+    target, tok = load_target(cfg.target, device=cfg.device, fast_linear=False if cfg.stock_linear else None)
     adapter = TargetAdapter(target)
     needs_draft = any(n not in BASELINES for n in cfg.strategies)
     draft = load_draft(cfg.draft, target, cfg.draft_full_vocab) if needs_draft else None
@@ -194,15 +199,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
 
 
 def _baseline(adapter: TargetAdapter, ids, name: str, cfg: BenchConfig, stop, seed: int) -> tuple[int, float]:
-    """(new tokens, seconds) of plain decoding ("ar") or prompt-lookup assisted decoding."""
+    """(new tokens, seconds) of plain decoding ("ar"; "ar_stock": with torch's linear layers) or
+    prompt-lookup assisted decoding."""
     import time
 
     if cfg.temperature > 0:
         torch.manual_seed(seed)
-    t = time.perf_counter()
-    new = adapter.generate(ids, cfg.max_new_tokens, stop_ids=stop, temperature=cfg.temperature,
-                           prompt_lookup_tokens=PROMPT_LOOKUP_TOKENS if name == "prompt_lookup" else 0)
-    return new.numel(), time.perf_counter() - t
+    with stock_linear(adapter.model) if name == "ar_stock" else contextlib.nullcontext():
+        t = time.perf_counter()
+        new = adapter.generate(ids, cfg.max_new_tokens, stop_ids=stop, temperature=cfg.temperature,
+                               prompt_lookup_tokens=PROMPT_LOOKUP_TOKENS if name == "prompt_lookup" else 0)
+        return new.numel(), time.perf_counter() - t
 
 
 def _row(name: str, setting: dict, tot: dict) -> dict:

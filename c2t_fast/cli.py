@@ -69,6 +69,9 @@ def _add_budget_flag(p, many: bool):
 def _add_device_flag(p):
     p.add_argument("--device", default="auto", help="where the target and draft run: auto (the GPU when there is "
                                                      "one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--stock-linear", action="store_true",
+                   help="run the target's and draft's linear layers with torch's F.linear (MKL) instead of "
+                        "c2t_fast's skinny kernel (the default for an fp32 model on the CPU)")
 
 
 def _add_strategy_flags(p):
@@ -101,7 +104,7 @@ def _generate(args) -> int:
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from .hf.loading import load_target
 
-    target, tok = load_target(args.target, device=args.device)
+    target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
     ids = encode_chat(tok, args.prompt)
     stop = chat_stop_ids(tok)
     if args.strategy == "ar":
@@ -151,7 +154,7 @@ def _bench(args) -> int:
                       draft=args.draft, draft_full_vocab=args.draft_full_vocab, classifier=args.classifier,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
                       seed=args.seed, device=args.device, ngram=_int_list("--ngram", args.ngram),
-                      budget=tuple(args.budget.split(",")))
+                      budget=tuple(args.budget.split(",")), stock_linear=args.stock_linear)
     print(format_table(run_bench(cfg)["rows"]))
     return 0
 
@@ -172,7 +175,7 @@ def _collect_trees(args) -> int:
         from .training.sharegpt import first_turns
 
         texts = first_turns(args.sharegpt, args.limit or 100)
-    target, tok = load_target(args.target, device=args.device)
+    target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
     draft = load_draft(args.draft, target, args.draft_full_vocab)
     meta = collect_trees(target, tok, draft, texts, args.out, top_k=args.top_k_tree or 10,
                          depth=args.depth if args.depth is not None else 10, max_new_tokens=args.max_new_tokens,
@@ -231,7 +234,7 @@ def _distill_data(args) -> int:
     cfg = DistillConfig(start=args.start, conversations=args.conversations, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, sample_every=args.sample_every,
                         temperature=args.temperature, max_prompt_chars=args.max_prompt_chars, seed=args.seed)
-    target, tok = load_target(args.target, device=args.device)
+    target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
     meta = distill(target, tok, args.out, cfg)
     print(f"{meta['sequences']} sequences, {meta['tokens']} reply tokens at {meta.get('tokens_per_s', 0)} tokens/s "
           f"in {args.out} (train on them: c2t-fast train-draft --distilled {args.out} --out DIR)")

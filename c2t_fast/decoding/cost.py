@@ -54,14 +54,15 @@ def _hardware(dev: torch.device) -> str:
 
 def profile_key(model, device: torch.device) -> str:
     """What the costs depend on: the model's config, dtype, device (and which GPU or CPU), threads,
-    torch version."""
+    torch version, and whether its linear layers run through the skinny kernel."""
     from ..hf.adapter import text_config
+    from ..hf.fast_linear import fast_linear_installed
 
     cfg = text_config(model).to_dict() if hasattr(text_config(model), "to_dict") else vars(text_config(model))
     dtype = str(next(model.parameters()).dtype)
     dev = torch.device(device)
     blob = json.dumps({"config": cfg, "dtype": dtype, "device": dev.type, "hw": _hardware(dev),
-                       "torch": torch.__version__},
+                       "torch": torch.__version__, "linear": "skinny" if fast_linear_installed(model) else "torch"},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..hf import adapter as hf
 from ..hf import layers as hf_layers
+from ..hf.fast_linear import few_row_linear, is_routed
 
 
 def read_config(path: str):
@@ -207,7 +208,9 @@ class EagleDraftHead(Draft):
             return self.lm_head(out).float()
         if self._lm_rows is None:
             raise RuntimeError("the draft head is not attached to a target (call attach(target))")
-        return nn.functional.linear(out, self._lm_rows, self._lm_bias).float()
+        # the restricted head follows the routing of the head's own layers (hf.fast_linear)
+        lin = few_row_linear if is_routed(self.fc) else nn.functional.linear
+        return lin(out, self._lm_rows, self._lm_bias).float()
 
     def features_forward(self, tokens: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor,
                          mask: torch.Tensor | None, cache=None) -> torch.Tensor:

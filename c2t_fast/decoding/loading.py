@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..hf.adapter import device_of
+from ..hf.fast_linear import fast_linear_installed, install_fast_linear
 from ..hf.loading import load_causal_lm
 
 DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
@@ -12,8 +13,12 @@ DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 
 def load_draft(spec: str | None, target, full_vocab: bool = False):
-    """A draft for ``target`` (see ``_load_draft``), on the target's device."""
-    return _load_draft(spec, target, full_vocab).to(device_of(target))
+    """A draft for ``target`` (see ``_load_draft``), on the target's device; when the target's linear
+    layers run through the skinny kernel (``hf.fast_linear``), the draft's do too."""
+    draft = _load_draft(spec, target, full_vocab).to(device_of(target))
+    if fast_linear_installed(target):
+        install_fast_linear(draft)
+    return draft
 
 
 def _load_draft(spec: str | None, target, full_vocab: bool = False):

