@@ -49,8 +49,9 @@ def _add_ngram_flag(p, many: bool):
                                                     "with (prompt lookup in the prompt and the reply; 0: none), "
                                                     "e.g. 0,10 for the ablation")
     else:
-        p.add_argument("--ngram", type=int, default=0, help="graft n-gram lookup continuations of up to this "
-                                                            "many tokens onto each tree (0: none)")
+        p.add_argument("--ngram", type=int, default=10,
+                       help="graft n-gram lookup continuations (prompt and reply) of up to this many tokens onto "
+                            "each tree, sized by the cost rule like every other node (default 10; 0: none)")
 
 
 def _add_budget_flag(p, many: bool):
@@ -102,6 +103,7 @@ def _generate(args) -> int:
     from .decoding.metrics import Metrics
     from .decoding.ngram import NgramLookup
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
+    from .hf.fast_linear import fast_linear_installed
     from .hf.loading import load_target
 
     target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
@@ -132,7 +134,8 @@ def _generate(args) -> int:
     print(f"tau {s['tau']:.2f} | gamma {s['gamma']} ({s['gamma_per_step']}/step) | {s['tokens_per_s']} tokens/s"
           + (f" | n-gram nodes {s['ngram_nodes']}" if args.ngram else "")
           + (f" | plain steps {s['plain_steps']}/{s['steps']} (cost rule)" if args.budget != "none" else "")
-          + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else ""))
+          + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else "")
+          + (" (linear layers: skinny kernel)" if s["speedup"] and fast_linear_installed(target) else ""))
     return 0
 
 

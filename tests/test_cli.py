@@ -88,3 +88,22 @@ def test_collect_trees_from_sharegpt_needs_exactly_one_source(tmp_path, capsys):
     assert len(open_tree_dataset(str(out))) > 0
     assert cli.main(["collect-trees", "--out", str(out), "--draft", "self"]) == 2
     assert "exactly one of --prompts" in capsys.readouterr().err
+
+
+def test_bench_reports_stock_generate_beside_the_routed_target(tmp_path):
+    """ar: plain decoding of the target as loaded (skinny linear layers); ar_stock: torch's; --stock-linear
+    loads the target without the routing."""
+    from c2t_fast.hf.fast_linear import fast_linear_installed
+    from c2t_fast.hf.shipped import load_smollm2
+
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "x", "turns": ["Say hello."]}) + "\n")
+    assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "ar,ar_stock,chain", "--draft", "self",
+                     "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+    rows = json.loads((tmp_path / "a" / "summary.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["ar", "ar_stock", "chain"] and rows[1]["new_tokens"] == 6
+    model, _ = load_smollm2()
+    assert fast_linear_installed(model)  # ar_stock put the routing back
+    assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "ar", "--stock-linear", "--max-new-tokens",
+                     "4", "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
+    assert not fast_linear_installed(model)

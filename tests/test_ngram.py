@@ -18,12 +18,17 @@ from support import tiny_causal_lm, tiny_strategies, two_token_law
 
 
 def brute_force(history, lookup):
-    """The continuation after the most recent earlier occurrence of the longest matching suffix."""
+    """The continuation after the most recent earlier occurrence of the longest matching suffix, read as
+    an overlapping copy: position i of it is history[start + i], where history is extended by the copy
+    itself, so a match near the end repeats with its period."""
     for n in range(min(lookup.max_ngram, len(history)), lookup.min_ngram - 1, -1):
         key = history[len(history) - n:]
         for start in range(len(history) - n - 1, -1, -1):  # occurrences that have a continuation
             if history[start:start + n] == key:
-                return history[start + n:start + n + lookup.num_tokens]
+                text = list(history)
+                for i in range(lookup.num_tokens):
+                    text.append(text[start + n + i])
+                return text[len(history):]
     return []
 
 
@@ -46,6 +51,13 @@ def test_lookup_finds_the_repeat():
     index = NgramLookup(num_tokens=3, max_ngram=2).index([5, 6, 7, 8, 9, 5, 6])
     assert index.propose() == [7, 8, 9]
     assert NgramLookup().index([1, 2, 3]).propose() == []
+
+
+def test_a_run_proposes_a_full_length_branch():
+    """A degenerate reply ("0111111...", seen on spec_bench alpaca) or a short cycle: the most recent match
+    ends one or two tokens before the end, and the branch repeats it rather than stopping there."""
+    assert NgramLookup(num_tokens=5).index([0, 1, 1, 1, 1]).propose() == [1] * 5
+    assert NgramLookup(num_tokens=5, max_ngram=2).index([7, 3, 4, 3, 4]).propose() == [3, 4, 3, 4, 3]
 
 
 @pytest.mark.parametrize("kwargs", [{"num_tokens": 0}, {"max_ngram": 0}, {"min_ngram": 3, "max_ngram": 2},

@@ -59,12 +59,20 @@ class NgramIndex:
             h.append(int(t))
 
     def propose(self) -> list[int]:
-        """The continuation of the longest recent n-gram match of the history's end (may be empty)."""
+        """The continuation of the longest recent n-gram match of the history's end (may be empty).
+
+        A match close to the end has fewer than ``num_tokens`` tokens after it; the continuation then
+        repeats with the match's period (an overlapping copy, as in LZ77), so that a run such as
+        ``1 1 1`` or ``a b a b`` proposes a full-length branch rather than one or two tokens."""
         h, k = self.history, self.lookup.num_tokens
         for n in range(min(self.lookup.max_ngram, len(h)), self.lookup.min_ngram - 1, -1):
             start = self._ends.get(tuple(h[len(h) - n:]))
             if start is not None:
-                return h[start:start + k]
+                out = h[start:start + k]
+                period = len(h) - start
+                while len(out) < k:
+                    out.append(out[len(out) - period])
+                return out
         return []
 
 

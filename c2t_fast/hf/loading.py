@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .fast_linear import install_fast_linear, remove_fast_linear
+
 
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
     """A local Hugging Face causal LM directory, with SDPA attention, in eval mode."""
@@ -47,8 +49,6 @@ def load_target(spec: str = "smollm2", dtype: torch.dtype = torch.float32, devic
     model = model.to(resolve_device(device))
     if fast_linear is None:
         fast_linear = model.device.type == "cpu" and dtype == torch.float32
-    if fast_linear:
-        from .fast_linear import install_fast_linear
-
-        install_fast_linear(model)
+    # the shipped model is cached per process: an earlier call may have routed it
+    (install_fast_linear if fast_linear else remove_fast_linear)(model)
     return model, tok
