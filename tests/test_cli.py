@@ -93,6 +93,8 @@ def test_collect_trees_from_sharegpt_needs_exactly_one_source(tmp_path, capsys):
 def test_bench_reports_stock_generate_beside_the_routed_target(tmp_path):
     """ar: plain decoding of the target as loaded (skinny linear layers); ar_stock: torch's; --stock-linear
     loads the target without the routing."""
+    import torch
+
     from c2t_fast.hf.fast_linear import fast_linear_installed
     from c2t_fast.hf.shipped import load_smollm2
 
@@ -102,7 +104,7 @@ def test_bench_reports_stock_generate_beside_the_routed_target(tmp_path):
                      "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
     rows = json.loads((tmp_path / "a" / "summary.json").read_text())["rows"]
     assert [r["strategy"] for r in rows] == ["ar", "ar_stock", "chain"] and rows[1]["new_tokens"] == 6
-    model, _ = load_smollm2()
+    model, _ = load_smollm2(torch.float32)  # the instance load_target got (the cache keys on the argument)
     assert fast_linear_installed(model)  # ar_stock put the routing back
     assert cli.main(["bench", "--prompts", str(prompts), "--strategies", "ar", "--stock-linear", "--max-new-tokens",
                      "4", "--device", "cpu", "--out", str(tmp_path / "b")]) == 0

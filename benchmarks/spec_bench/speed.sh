@@ -21,3 +21,4 @@ for set in $SETS; do
     --temperature "$TEMPERATURE" --strategies "$STRATEGIES" --budget none,auto --ngram 0,10 \
     --device cpu --out "$OUT/$set"
 done
+python benchmarks/spec_bench/speed_report.py "$OUT" > "$OUT/speed.md"

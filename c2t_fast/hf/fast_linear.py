@@ -1,6 +1,6 @@
 """Routing a CPU target's linear layers through ``c2t_fast.skinny_linear`` for few-row passes.
 
-A tree verification and a plain decoding step both multiply 1-64 rows by every weight of the model.
+A tree verification and a plain decoding step both multiply 1-32 rows by every weight of the model.
 On a CPU, ``F.linear`` (MKL) re-packs its operands on every call and costs 1.5-3x its 1-row time at
 2-16 rows; the skinny kernel reads each weight row once, so a 16-token tree costs little more than a
 1-token step (BENCHMARKS.md, "Verification that costs about one step"). Everything else (training

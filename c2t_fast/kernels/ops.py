@@ -487,7 +487,10 @@ def _skinny_linear_backward(ctx, grad):
 
 torch.library.register_autograd("c2t_fast::skinny_linear", _skinny_linear_backward, setup_context=_skinny_linear_setup)
 
-SKINNY_MAX_ROWS = 64  # measured: past 64 rows MKL/oneDNN are as fast (BENCHMARKS "What a step costs")
+# Rows up to which hf.fast_linear routes a layer here: at 32 rows the whole verification pass was as
+# fast as or faster than with F.linear in three runs, at 64 slower in one of them (BENCHMARKS.md,
+# "Verification that costs about one step"). The op itself takes any number of rows.
+SKINNY_MAX_ROWS = 32
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -496,7 +499,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x ``float32 [..., K]`` (any leading shape, unit stride along K), weight ``float32 [N, K]``
     contiguous, bias ``float32 [N]`` or None -> ``float32 [..., N]``. Agrees with ``F.linear`` to fp32
     rounding (a different summation order), not bit for bit. Meant for ``x`` of up to
-    ``SKINNY_MAX_ROWS`` rows; more rows are correct but no faster than ``F.linear``."""
+    ``SKINNY_MAX_ROWS`` rows; more rows are correct but not faster than ``F.linear``."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"skinny_linear: x must be a tensor [..., K], got {type(x).__name__}"
                          f"{'' if not isinstance(x, torch.Tensor) else ' of rank 0'}")

@@ -4,7 +4,7 @@
 // on a CPU that pass should cost about what reading the weights once costs (a 1-row step reads them
 // too). MKL's sgemm re-packs both operands on every call and for M = 2-16 rows ran at 1.5-3x its
 // 1-row time on our 2-core VM; here each weight row is read from memory exactly once per call and
-// multiplied, while it sits in L1, with every row of x (which stays in L1/L2: M <= 64 rows).
+// multiplied, while it sits in L1, with every row of x (which stays in L1/L2: M <= 32 rows routed here).
 //
 // The micro-kernel keeps a 3 (x rows) x 4 (weight rows) block of 8-lane fp32 accumulators along K
 // (12 FMAs per 7 loads) and reduces them horizontally at the end. Accumulation order differs from
