@@ -2,14 +2,14 @@
 
 A tree verification and a plain decoding step both multiply 1-32 rows by every weight of the model.
 On a CPU, ``F.linear`` (MKL) re-packs its operands on every call and costs 1.5-3x its 1-row time at
-2-16 rows; the skinny kernel reads each weight row once, so a 16-token tree costs little more than a
-1-token step (BENCHMARKS.md, "Verification that costs about one step"). Everything else (training
-with gradients, many rows, other dtypes or devices) still goes to ``F.linear``, decided per call.
+2-16 rows; the skinny kernel reads each weight row once, so up to 8 tree tokens cost about one step and
+16 cost 1.3-1.7x instead of 1.9-2.1x (BENCHMARKS.md, "Verification that costs about one step").
+Everything else (training with gradients, many rows, other dtypes or devices) still goes to
+``F.linear``, decided per call.
 """
 
 from __future__ import annotations
 
-import logging
 import types
 from contextlib import contextmanager
 
@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import ops
-
-log = logging.getLogger("c2t_fast")
 
 _ROUTED = "_c2t_fast_skinny"  # set on every routed nn.Linear
 
