@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--target", default="smollm2")
     p.add_argument("--out", default=None, help="JSON of the figures")
+    p.add_argument("--plot", default=None, help="PNG: acceptance of the 1st, 2nd and 3rd drafted token per head")
     args = p.parse_args()
 
     from c2t_fast.decoding.hub_heads import eagle3_feature_layers
@@ -81,6 +82,28 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        cond = [c or 0.0 for c in r["conditional"]]
+        xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(cond))]
+        ax.bar(xs, cond, width, label=f"{r['head']} (E[accepted of 3] {r['expected_accepted']:.2f})")
+    ax.set_xticks(range(len(rows[0]["conditional"])), ["1st", "2nd given 1st", "3rd given 2"][:len(rows[0]["conditional"])])
+    ax.set(ylabel="greedy acceptance, held-out replies", ylim=(0, 1))
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -187,18 +187,33 @@ def _collect_trees(args) -> int:
     return 0
 
 
+def _head_dir(spec: str | None) -> str | None:
+    """A head directory, 'default' naming the shipped head."""
+    if spec != "default":
+        return spec
+    from .decoding.loading import DEFAULT_DRAFT_DIR
+
+    return DEFAULT_DRAFT_DIR
+
+
 def _train_draft(args) -> int:
     from .hf.adapter import text_config, vocab_size
     from .hf.loading import load_target
     from .training.draft_head import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
     from .training.sharegpt import sharegpt_conversations
 
+    if args.init and args.head != "eagle1":
+        raise ValueError("train-draft: --init fine-tunes an EAGLE-1 head (--head eagle1)")
     target, tok = load_target(args.target)
     cache = args.cache or os.path.join(args.out, "feature_cache")
     if args.distilled:  # the target's own replies (c2t-fast distill-data): trained on the reply, the prompt is context
+        from itertools import chain
+
         from .training.distill import distilled_sequences
 
-        sequences = distilled_sequences(args.distilled, args.max_len, with_loss_from=True)
+        # several runs in the order given: a cache resumes by count, so only the last one may still grow
+        sequences = chain.from_iterable(distilled_sequences(d, args.max_len, with_loss_from=True)
+                                        for d in args.distilled)
     else:
         sequences = encode_conversations(tok, sharegpt_conversations(limit=args.conversations), args.max_len)
     layers = None
@@ -222,7 +237,8 @@ def _train_draft(args) -> int:
     else:
         cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
                                init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab,
-                               draft_vocab=not args.no_draft_vocab, val_fraction=args.held_out)
+                               draft_vocab=not args.no_draft_vocab, val_fraction=args.held_out,
+                               init_from=_head_dir(args.init))
         report = train_draft(target, cache, args.out, cfg)
     last = report["history"][-1] if report["history"] else {}
     print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
@@ -236,7 +252,8 @@ def _distill_data(args) -> int:
 
     cfg = DistillConfig(start=args.start, conversations=args.conversations, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, sample_every=args.sample_every,
-                        temperature=args.temperature, max_prompt_chars=args.max_prompt_chars, seed=args.seed)
+                        temperature=args.temperature, max_prompt_chars=args.max_prompt_chars, seed=args.seed,
+                        length_sort_batches=args.length_sort_batches)
     target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
     meta = distill(target, tok, args.out, cfg)
     print(f"{meta['sequences']} sequences, {meta['tokens']} reply tokens at {meta.get('tokens_per_s', 0)} tokens/s "
@@ -353,8 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--accumulate", type=int, default=4)
     d.add_argument("--save-every", type=int, default=50)
     d.add_argument("--warm-start", action="store_true", help="start the layer from the target's last layer")
-    d.add_argument("--distilled", default=None, metavar="DIR",
-                   help="train on the target's own replies from `c2t-fast distill-data` instead of ShareGPT text")
+    d.add_argument("--init", default=None, metavar="DIR",
+                   help="eagle1: fine-tune this saved head ('default': the shipped one) instead of starting fresh")
+    d.add_argument("--distilled", action="append", default=None, metavar="DIR",
+                   help="train on the target's own replies from `c2t-fast distill-data` instead of ShareGPT text "
+                        "(repeatable: runs in that order; only the last may still grow after caching started)")
     d.set_defaults(func=_train_draft)
 
     x = sub.add_parser("distill-data", help="the target's own replies to ShareGPT first turns, as token ids "
@@ -372,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-prompt-chars", type=int, default=2000, help="skip longer first turns (a long paste makes "
                                                                      "a slow prefill for the whole batch)")
     x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--length-sort-batches", type=int, default=8,
+                   help="answer the prompts in groups of this many batches sorted by token length, so each batch "
+                        "pads to similar prompts (0: ShareGPT order, as the run in experiments/results/"
+                        "distill_smollm2 was made)")
     _add_device_flag(x)
     x.set_defaults(func=_distill_data)
     return p

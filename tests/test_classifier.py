@@ -173,6 +173,11 @@ def test_recorder_streams_and_appends(tmp_path):
     assert rows["tree"][-1] == 30 and meta["positives"] == int(rows["label"].sum())
     with pytest.raises(ValueError, match="equal lengths"):
         TreeRecorder(path).add_tree([0.1, 0.2], [1.0], [0], [1])
+    # rows written after the last meta (a run killed between the two writes) are dropped on reopening
+    with open(os.path.join(path, "rows.bin"), "ab") as f:
+        f.write(np.zeros(3, rows.dtype).tobytes())
+    TreeRecorder(path).close()
+    assert len(open_tree_dataset(path)) == meta["rows"]
     with open(os.path.join(path, "rows.bin"), "ab") as f:
         f.write(b"xx")
     with pytest.raises(ValueError, match="truncated"):

@@ -3,6 +3,9 @@
 import json
 import os
 
+import numpy as np
+import pytest
+
 from c2t_fast import cli
 
 MT_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spec_bench", "mt_bench.jsonl")
@@ -77,6 +80,40 @@ def test_collect_trees_records_full_trees(tmp_path, capsys):
                      "--top-k-tree", "2", "--depth", "2", "--max-new-tokens", "6"]) == 0
     rows = open_tree_dataset(str(out))
     assert len(rows) > 0 and len(rows) % (2 + 2 * 4) == 0 and rows["label"].sum() > 0
+
+
+def test_collect_trees_resumes_after_the_prompts_it_has_done(tmp_path, monkeypatch):
+    from c2t_fast.decoding.engine import SpeculativeGenerator
+    from c2t_fast.training.tree_dataset import open_tree_dataset
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a joke.\nName a color.\nCount to three.\n")
+    argv = ["collect-trees", "--prompts", str(prompts), "--draft", "self", "--top-k-tree", "2", "--depth", "2",
+            "--max-new-tokens", "4"]
+    assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    full = open_tree_dataset(str(tmp_path / "full"))
+    real, calls = SpeculativeGenerator.generate, []
+
+    def interrupted_at_the_second_prompt(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(SpeculativeGenerator, "generate", interrupted_at_the_second_prompt)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*argv, "--out", str(tmp_path / "part")])
+    monkeypatch.setattr(SpeculativeGenerator, "generate", real)
+    meta = json.loads((tmp_path / "part" / "meta.json").read_text())
+    assert meta["prompts_done"] == 1 and meta["trees"] > 0
+    assert cli.main([*argv, "--out", str(tmp_path / "part")]) == 0
+    part = open_tree_dataset(str(tmp_path / "part"))
+    assert json.loads((tmp_path / "part" / "meta.json").read_text())["prompts_done"] == 3
+    np.testing.assert_array_equal(part["label"], full["label"])
+    np.testing.assert_array_equal(part["tree"], full["tree"])
+    assert cli.main([*argv, "--max-new-tokens", "5", "--out", str(tmp_path / "part")]) == 2  # other settings
+    prompts.write_text("Tell me a joke.\nName a shape.\nCount to three.\n")
+    assert cli.main([*argv, "--out", str(tmp_path / "part")]) == 2  # other prompts
 
 
 def test_collect_trees_from_sharegpt_needs_exactly_one_source(tmp_path, capsys):

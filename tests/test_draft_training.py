@@ -4,6 +4,7 @@ ShareGPT reader."""
 import json
 import os
 
+import pytest
 import torch
 
 from c2t_fast.training.sharegpt import iter_json_array
@@ -38,6 +39,30 @@ def test_cache_train_resume_and_load(tmp_path):
     assert os.path.isfile(os.path.join(out, "training.png")) and not os.path.isfile(os.path.join(out, "checkpoint.pt"))
     head = EagleDraftHead.from_pretrained(out, target)
     assert head.fc.weight.shape == (96, 192)
+
+
+def test_fine_tuning_starts_from_the_saved_head(tmp_path):
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    cache = str(tmp_path / "cache")
+    cache_hidden_states(target, _sequences(12, torch.Generator().manual_seed(2)), cache, token_budget=384,
+                        progress=False)
+    first = str(tmp_path / "first")
+    base = train_draft(target, cache, first, DraftTrainConfig(epochs=3, lr=3e-3, accumulate=2), progress=False)
+    saved = EagleDraftHead.from_pretrained(first, target, full_vocab=True)
+    # one step at a vanishing learning rate: the fine-tuned head is the saved one, not a fresh start
+    cfg = DraftTrainConfig(epochs=1, lr=1e-9, accumulate=100, warmup=1, init_from=first, loss_vocab=0)
+    tuned = train_draft(target, cache, str(tmp_path / "tuned"), cfg, progress=False)
+    assert abs(tuned["history"][0]["loss"] - base["history"][-1]["loss"]) < 0.5 * base["history"][0]["loss"]
+    head = EagleDraftHead.from_pretrained(str(tmp_path / "tuned"), target, full_vocab=True)
+    for name in ("fc.weight", "layer.self_attn.q_proj.weight", "layer.post_attention_layernorm.weight"):
+        torch.testing.assert_close(head.state_dict()[name], saved.state_dict()[name], atol=1e-5, rtol=0)
+    fresh = train_draft(target, cache, str(tmp_path / "fresh"), DraftTrainConfig(epochs=1, lr=1e-9, accumulate=100,
+                                                                                  warmup=1, loss_vocab=0),
+                        progress=False)
+    assert fresh["history"][0]["loss"] > tuned["history"][0]["loss"]
+    with pytest.raises(ValueError, match="init_from"):
+        train_draft(target, cache, str(tmp_path / "bad"), DraftTrainConfig(init_from=str(tmp_path / "cache")),
+                    progress=False)
 
 
 def test_training_resumes_from_a_checkpoint(tmp_path):

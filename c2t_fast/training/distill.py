@@ -39,11 +39,17 @@ class DistillConfig:
     top_p: float = 0.95
     max_prompt_chars: int = 2000
     seed: int = 0
+    # prompts are answered in groups of this many batches sorted by token length, so a batch pads its
+    # prompts to similar lengths (0: in ShareGPT order; padding a batch of 16 to one long prompt made the
+    # prefill most of the batch's time)
+    length_sort_batches: int = 0
 
     def validate(self) -> None:
         for name in ("conversations", "batch_size", "max_new_tokens", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.length_sort_batches < 0:
+            raise ValueError(f"DistillConfig.length_sort_batches must be >= 0, got {self.length_sort_batches}")
         if self.start < 0 or self.sample_every < 0 or not 0 < self.temperature <= 2 or not 0 < self.top_p <= 1:
             raise ValueError("DistillConfig: start and sample_every >= 0, temperature in (0, 2], top_p in (0, 1]")
 
@@ -72,7 +78,8 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
     if os.path.isfile(meta_file):
         with open(meta_file) as f:
             old = json.load(f)
-        if old.get("config") != asdict(cfg) or old.get("dtype") != dtype:
+        # a run from before length sorting existed answered in ShareGPT order
+        if {"length_sort_batches": 0, **old.get("config", {})} != asdict(cfg) or old.get("dtype") != dtype:
             raise ValueError(f"{out_dir} holds a run with other settings ({old.get('config')}); use a new directory")
         meta = old
     if prompts is None:
@@ -80,6 +87,7 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
 
         prompts = first_turns(cfg.start, cfg.conversations, cfg.max_prompt_chars)
     prompts = prompts[:cfg.conversations]
+    order = answer_order([len(encode_chat(tokenizer, p)) for p in prompts], cfg.batch_size * cfg.length_sort_batches)
     stop = chat_stop_ids(tokenizer) or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     done = meta["conversations_used"]
@@ -93,7 +101,8 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
     _truncate_lines(index_file, meta["sequences"])
     while done < len(prompts):
         batch_no = done // cfg.batch_size
-        batch = prompts[done:done + cfg.batch_size]
+        ranks = order[done:done + cfg.batch_size]
+        batch = [prompts[r] for r in ranks]
         sampled = cfg.sample_every > 0 and batch_no % cfg.sample_every == cfg.sample_every - 1
         torch.manual_seed(cfg.seed * 1_000_003 + batch_no)  # a resumed batch draws what it would have drawn
         ids = [encode_chat(tokenizer, p) for p in batch]
@@ -102,11 +111,11 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
                                  temperature=cfg.temperature if sampled else 0.0, top_p=cfg.top_p)
         meta["generate_s"] += time.perf_counter() - t
         with open(tokens_file, "ab") as tf, open(index_file, "a") as jf:
-            for k, (p, r) in enumerate(zip(ids, replies)):
+            for rank, p, r in zip(ranks, ids, replies):
                 seq = torch.cat([p, r]).numpy().astype(dtype)
                 tf.write(seq.tobytes())
                 jf.write(json.dumps({"offset": offset, "length": len(seq), "prompt_len": p.numel(),
-                                     "sampled": sampled, "prompt": done + k}) + "\n")
+                                     "sampled": sampled, "prompt": rank}) + "\n")
                 offset += len(seq)
                 meta["tokens"] += r.numel()
         done += len(batch)
@@ -118,6 +127,15 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
     bar.close()
     _write_json(meta_file, meta)
     return meta
+
+
+def answer_order(lengths: list[int], group: int) -> list[int]:
+    """The order prompts are answered in: ``group`` consecutive prompts at a time sorted by token length
+    (stable), the groups in their own order; ``group`` 0 keeps the given order."""
+    idx = list(range(len(lengths)))
+    if group <= 0:
+        return idx
+    return [i for g in range(0, len(idx), group) for i in sorted(idx[g:g + group], key=lambda i: lengths[i])]
 
 
 def _recorded_tokens(index_file: str, sequences: int) -> int:

@@ -124,6 +124,7 @@ class DraftTrainConfig:
     val_fraction: float = 0.05  # cached sequences held out for the validation top-1
     loss_vocab: int = 8192  # token ids in the training CE (0: the full vocabulary)
     draft_vocab: bool = True  # the head drafts over those ids only at inference (saved with it)
+    init_from: str | None = None  # a saved EAGLE-1 head to fine-tune (its fc, layer and norms; fc_identity ignored)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -216,7 +217,9 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
         missing = head.layer.load_state_dict(layers[-1].state_dict(), strict=False)
         if missing.missing_keys:
             raise ValueError(f"cannot warm-start the head from the target's last layer: {missing.missing_keys}")
-    if cfg.fc_identity:
+    if cfg.init_from:
+        init_head(head, cfg.init_from)
+    elif cfg.fc_identity:
         H = head.config.hidden_size
         with torch.no_grad():
             head.fc.weight.zero_()
@@ -253,6 +256,23 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     _plot(state["history"], os.path.join(out_dir, "training.png"))
     finish_training(out_dir)
     return report
+
+
+def init_head(head: EagleDraftHead, path: str) -> None:
+    """Start ``head`` from the trained weights of the EAGLE-1 head saved at ``path`` (fine-tuning: a head
+    trained on ShareGPT text, then on the target's own replies). The shared embedding and LM head stay the
+    target's; the saved head's draft vocabulary is not taken over (the new data decides its own)."""
+    try:
+        saved = EagleDraftHead.from_pretrained(path, full_vocab=True)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"init_from={path!r}: {err}") from None
+    if saved.own_embedding or saved.config.hidden_size != head.config.hidden_size:
+        raise ValueError(f"init_from={path!r}: not an EAGLE-1 head of this target's width sharing its embedding")
+    state = {k: v for k, v in saved.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))}
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))]
+    if bad or unexpected:
+        raise ValueError(f"init_from={path!r}: weights do not match the head (missing {bad}, unexpected {unexpected})")
 
 
 def train_loop(head, opt, params: list, data: list, cfg, out_dir: str, step_loss, desc: str, progress: bool,

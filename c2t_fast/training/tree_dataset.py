@@ -47,6 +47,8 @@ class TreeRecorder:
                 self.meta.update(json.load(f))
         self.meta.update(metadata or {})
         self._file = open(os.path.join(path, "rows.bin"), "ab")
+        # rows written after the last meta (an interrupted run) are dropped: meta and rows agree again
+        self._file.truncate(self.meta["rows"] * ROW_DTYPE.itemsize)
 
     def add_tree(self, P, H, d, label) -> int:
         cols = [np.asarray(torch.as_tensor(x).cpu()) for x in (P, H, d, label)]
@@ -106,7 +108,8 @@ def collect_trees(target, tokenizer, draft, prompts: list[str], out: str, top_k:
                   max_new_tokens: int = 128, metadata: dict | None = None, progress: bool = True) -> dict:
     """Generates a reply to each prompt with complete (never reranked) EAGLE-2 trees of ``top_k`` x
     ``depth`` and records every drafted node of every step to the tree dataset ``out``. Returns its
-    meta (rows, trees, positives)."""
+    meta (rows, trees, positives, ``prompts_done``). Resumable: the dataset is written after every
+    prompt, and a rerun into ``out`` with the same settings continues after the prompts it has done."""
     from tqdm.auto import tqdm
 
     from ..decoding.engine import SpeculativeGenerator
@@ -114,8 +117,24 @@ def collect_trees(target, tokenizer, draft, prompts: list[str], out: str, top_k:
     from ..hf.adapter import encode_chat
 
     total = 1 + top_k + depth * top_k * top_k  # the complete expanded tree: no rerank
-    with TreeRecorder(out, {**(metadata or {}), "top_k": top_k, "depth": depth}) as rec:
+    import hashlib
+
+    prompts_sha1 = hashlib.sha1("\x00".join(prompts).encode()).hexdigest()  # a rerun must answer the same prompts
+    settings = {**(metadata or {}), "top_k": top_k, "depth": depth, "max_new_tokens": max_new_tokens,
+                "prompts_sha1": prompts_sha1}
+    meta_file = os.path.join(out, "meta.json")
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            old = json.load(f)
+        clash = {k: (old.get(k), v) for k, v in settings.items() if k in old and old[k] != v}
+        if clash:
+            raise ValueError(f"{out} holds trees collected with other settings (was, now: {clash}); use another "
+                             "directory")
+    with TreeRecorder(out, settings) as rec:
+        done = rec.meta.setdefault("prompts_done", 0)
         gen = SpeculativeGenerator(target, draft, Eagle2(top_k=top_k, depth=depth, total_tokens=total), recorder=rec)
-        for text in tqdm(prompts, desc="collect-trees", disable=not progress):
+        for text in tqdm(prompts[done:], desc="collect-trees", initial=done, total=len(prompts), disable=not progress):
             gen.generate(encode_chat(tokenizer, text), max_new_tokens=max_new_tokens)
+            rec.meta["prompts_done"] += 1
+            rec.flush()
     return rec.meta
