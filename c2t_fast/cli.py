@@ -16,7 +16,7 @@ def _train_classifier(args) -> int:
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, min_steps=args.min_steps,
                       neg_ratio=args.neg_ratio, neg_sampling=args.neg_sampling,
                       val_fraction=args.val_fraction, seed=args.seed, finetune_from=args.finetune_from,
-                      finetune_fraction=args.finetune_fraction,
+                      finetune_fraction=args.finetune_fraction, select_by=args.select_by,
                       model=ClassifierConfig(hidden=args.hidden, features=args.features.split(","), log_p=args.log_p))
     report = train_classifier(args.data, args.out, cfg)
     print(json.dumps({"selected_epoch": report["selected_epoch"], **report["selected"]}, indent=2))
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--finetune-from", default=None, help="classifier directory to fine-tune")
     t.add_argument("--finetune-fraction", type=float, default=0.1)
+    t.add_argument("--select-by", choices=("average_precision", "recall"), default="average_precision",
+                   help="checkpoint selection: validation average precision (default; the ranking over every "
+                        "threshold), or recall at beta 0.5, then the fewest kept nodes (the paper's rule)")
     t.set_defaults(func=_train_classifier)
 
     g = sub.add_parser("generate", help="generate with speculative decoding and print tau, gamma, speed")

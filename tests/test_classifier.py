@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from c2t_fast import ops
 from c2t_fast import reference as ref
@@ -218,6 +220,83 @@ def test_selection_rule_prefers_recall_then_low_positive_rate():
             {"recall": 0.968, "positive_rate": 0.05}, {"recall": 0.95, "positive_rate": 0.001}]
     assert select_epoch(hist, tolerance=0.005) == 2
     assert select_epoch(hist, tolerance=0.0) == 1
+    for h, ap in zip(hist, (0.2, 0.1, 0.3, 0.3)):
+        h["average_precision"] = ap
+    assert select_epoch(hist, 0.005, by="average_precision") == 2  # the earliest of the best
+    with pytest.raises(ValueError, match="select_by"):
+        select_epoch(hist, 0.005, by="loss")
+
+
+def _ranking_reference(conf, labels, share):
+    """Average precision and top-share recall by counting, one node at a time (ties: input order)."""
+    order = sorted(range(len(conf)), key=lambda i: -conf[i])
+    hits, precisions = 0, []
+    for rank, i in enumerate(order, 1):
+        if labels[i]:
+            hits += 1
+            precisions.append(hits / rank)
+    top = order[:max(1, round(share * len(conf)))]
+    return sum(precisions) / len(precisions), sum(labels[i] for i in top) / sum(labels)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1, allow_nan=False), st.booleans()), min_size=1, max_size=60),
+       st.sampled_from([0.01, 0.1, 0.5, 1.0]))
+def test_ranking_metrics_match_counting(pairs, share):
+    from c2t_fast.training.classifier import ranking_metrics
+
+    conf = [c for c, _ in pairs]
+    labels = [int(y) for _, y in pairs]
+    got = ranking_metrics(torch.tensor(conf, dtype=torch.float64), torch.tensor(labels, dtype=torch.float32), (share,))
+    if sum(labels) == 0:
+        assert np.isnan(got["average_precision"]) and np.isnan(got[f"recall_top{share:g}"])
+        return
+    ap, recall = _ranking_reference(conf, labels, share)
+    assert got["average_precision"] == pytest.approx(ap) and got[f"recall_top{share:g}"] == pytest.approx(recall)
+
+
+def test_split_is_recomputable_from_the_report(tmp_path):
+    """The report's val_trees are what training_split gives for its config; whole trees on one side; in
+    fine-tuning mode the rows outside the sampled trees are in neither split."""
+    from c2t_fast.training.classifier import training_split
+
+    data = str(tmp_path / "data")
+    _synthetic(data, trees=40)
+    trees = np.asarray(open_tree_dataset(data)["tree"])
+    report = train_classifier(data, str(tmp_path / "clf"), TrainConfig(epochs=1, min_steps=1, val_fraction=0.25),
+                              progress=False)
+    train, val = training_split(trees, TrainConfig(val_fraction=0.25), np.random.default_rng(0))
+    assert not (train & val).any() and (train | val).all()
+    assert sorted(report["val_trees"]) == np.unique(trees[val]).tolist() and len(report["val_trees"]) == 10
+    assert not np.isin(trees[train], report["val_trees"]).any()
+    cfg = TrainConfig(val_fraction=0.25, finetune_from="x", finetune_fraction=0.5)
+    train, val = training_split(trees, cfg, np.random.default_rng(0))
+    assert not (train & val).any() and len(np.unique(trees[train | val])) == 20
+    assert len(np.unique(trees[val])) == 5
+    with pytest.raises(ValueError, match="select_by"):
+        train_classifier(data, str(tmp_path / "bad"), TrainConfig(select_by="loss"), progress=False)
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_ranking_benchmark_reports_held_out_trees(tmp_path):
+    """benchmarks/classifier_ranking.py evaluates only trees outside every listed classifier's training
+    split and writes its table, JSON and plot."""
+    import subprocess
+    import sys
+
+    data, clf = str(tmp_path / "data"), str(tmp_path / "clf")
+    _synthetic(data, trees=40)
+    report = train_classifier(data, clf, TrainConfig(epochs=2, val_fraction=0.25), progress=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rank"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "classifier_ranking.py"), "--trees", data,
+                    "--out", str(out), "--holdout-of", clf, f"mine={clf}"], check=True, capture_output=True)
+    result = json.loads((out / "ranking.json").read_text())
+    assert result["held_out_trees"] == len(report["val_trees"]) == 10 and result["nodes"] == 10 * 200
+    mine = result["classifiers"]["mine"]
+    assert mine["average_precision"] > 0.95  # the rule is learnable: the top 5% of nodes are nearly all accepted
+    assert mine["recall_top0.05"] == pytest.approx(0.05 * result["nodes"] / result["accepted"], rel=0.05)
+    assert (out / "ranking.png").stat().st_size > 0 and "| mine |" in (out / "ranking.md").read_text()
 
 
 def test_depth_matched_negatives_follow_the_positives_depths():
