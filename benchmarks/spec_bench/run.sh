@@ -4,7 +4,8 @@
 #   LIMIT=4 MAX_NEW=256 OUT=runs/spec_bench bash benchmarks/spec_bench/run.sh
 # LIMIT questions per set (first turns; all 80 when empty), MAX_NEW new tokens per answer, SETS which
 # sets (the MT-bench-only runs — no second pruning, feature ablation, temperature 1 — come with mt_bench
-# unless MT_EXTRAS=0). Extra flags for every c2t-fast bench call (e.g. --draft-full-vocab): BENCH_ARGS.
+# unless MT_EXTRAS=0; BASELINES=0 leaves out plain decoding and prompt lookup, whose wall clock means
+# nothing when sets run side by side for their τ/γ counts). Extra flags for every c2t-fast bench call (e.g. --draft-full-vocab): BENCH_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SETS=${SETS:-"mt_bench humaneval alpaca sum"}
@@ -17,6 +18,7 @@ C2T_BETAS=${C2T_BETAS:-0.5,0.7,0.85,0.95}
 ABLATION_DIR=${ABLATION_DIR:-runs/classifier_ablation}
 TREES=${TREES:-runs/trees}
 MT_EXTRAS=${MT_EXTRAS:-1}
+BASELINES=${BASELINES:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
 export HF_HUB_OFFLINE=1
 
@@ -35,7 +37,7 @@ bench() {  # name, extra args...
 
 for set in $SETS; do
   q="$DATA/$set.jsonl"
-  bench "$set/baselines" --prompts "$q" --strategies ar,prompt_lookup
+  [[ $BASELINES == 1 ]] && bench "$set/baselines" --prompts "$q" --strategies ar,prompt_lookup
   bench "$set/eagle2" --prompts "$q" --strategies eagle2 --top-k-tree 15 --depth 9 --sweep "total_tokens=$EAGLE_TOTALS"
   bench "$set/c2t" --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --sweep "beta=$C2T_BETAS"
 done

@@ -5,6 +5,7 @@
 #
 #   OUT=runs/speed LIMIT=5 TOKENS=256 bash benchmarks/spec_bench/speed.sh
 #   TEMPERATURE=1 SETS=mt_bench bash benchmarks/spec_bench/speed.sh   # sampling
+#   BUDGET=auto NGRAM=10 bash benchmarks/spec_bench/speed.sh   # the default C2T only, no ablation rows
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/spec_bench}"
@@ -14,11 +15,13 @@ LIMIT="${LIMIT:-5}"
 TOKENS="${TOKENS:-256}"
 TEMPERATURE="${TEMPERATURE:-0}"
 STRATEGIES="${STRATEGIES:-ar,ar_stock,prompt_lookup,c2t}"
+BUDGET="${BUDGET:-none,auto}"  # c2t rows: cost rule off / on
+NGRAM="${NGRAM:-0,10}"         # c2t rows: n-gram branches off / on
 export HF_HUB_OFFLINE=1
 for set in $SETS; do
   echo "== $set ($(date +%H:%M:%S))"
   c2t-fast bench --prompts "$DATA/$set.jsonl" --limit "$LIMIT" --max-new-tokens "$TOKENS" \
-    --temperature "$TEMPERATURE" --strategies "$STRATEGIES" --budget none,auto --ngram 0,10 \
+    --temperature "$TEMPERATURE" --strategies "$STRATEGIES" --budget "$BUDGET" --ngram "$NGRAM" \
     --device cpu --out "$OUT/$set"
 done
 python benchmarks/spec_bench/speed_report.py "$OUT" > "$OUT/speed.md"
