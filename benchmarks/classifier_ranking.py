@@ -4,7 +4,9 @@ C2T keeps a node when its confidence is at least beta, so a classifier is as goo
 share of accepted nodes it keeps (recall) for the share of all nodes it keeps (what verification pays).
 This compares classifiers on the same held-out trees: recall among the top 0.5 / 1 / 2 / 5% of nodes by
 confidence, average precision, and recall / kept share at beta 0.5 and 0.7; and plots recall against
-the share kept.
+the share kept. The first row ranks by the joint probability P alone (EAGLE-2's score, no classifier):
+a classifier that does not rank better than its own input P cannot make C2T's trees smaller than
+EAGLE-2's at equal acceptance.
 
     python benchmarks/classifier_ranking.py --trees runs/trees --out runs/classifier_ranking \\
         --holdout-of c2t_fast/data/classifier --holdout-of runs/clf_scratch \\
@@ -46,12 +48,12 @@ def held_out_trees(trees: np.ndarray, classifier_dir: str) -> np.ndarray:
     return np.setdiff1d(np.unique(trees), np.unique(trees[train]))
 
 
-def rank_classifier(model: C2TClassifier, feats: torch.Tensor, labels: torch.Tensor) -> dict:
-    with torch.no_grad():
-        conf = torch.sigmoid(model(feats).flatten().float())
+def rank_scores(conf: torch.Tensor, labels: torch.Tensor, thresholds: bool = True) -> dict:
+    """Ranking metrics of scores ``conf`` [N] against ``labels`` [N]; with ``thresholds``, also the recall
+    and kept share at each beta in BETAS (for confidences in [0, 1])."""
     out = ranking_metrics(conf, labels, SHARES)
     pos = labels > 0.5
-    for b in BETAS:
+    for b in BETAS if thresholds else ():
         keep = conf >= b
         out[f"recall_beta{b}"] = (keep & pos).sum().item() / max(1, int(pos.sum()))
         out[f"kept_beta{b}"] = keep.float().mean().item()
@@ -82,11 +84,14 @@ def main() -> None:
     feats, labels = _features(sel), torch.from_numpy(sel["label"].astype(np.float32))
     result = {"trees": args.trees, "held_out_trees": int(len(keep)), "nodes": int(len(sel)),
               "accepted": int(labels.sum()), "classifiers": {}}
+    result["classifiers"]["joint probability P (no classifier)"] = {
+        "path": None, **rank_scores(torch.from_numpy(sel["P"].astype(np.float64)), labels, thresholds=False)}
     for spec in args.classifiers:
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(os.path.normpath(path))
-        result["classifiers"][name] = {"path": path, **rank_classifier(C2TClassifier.from_pretrained(path).eval(),
-                                                                       feats, labels)}
+        with torch.no_grad():
+            conf = torch.sigmoid(C2TClassifier.from_pretrained(path).eval()(feats).flatten().float())
+        result["classifiers"][name] = {"path": path, **rank_scores(conf, labels)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ranking.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -96,7 +101,8 @@ def main() -> None:
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in result["classifiers"].items():
         cells = [name, f"{r['average_precision']:.3f}"] + [f"{r[f'recall_top{s:g}']:.3f}" for s in SHARES] + \
-            [f"{r[f'recall_beta{b}']:.3f} / {r[f'kept_beta{b}']:.1%}" for b in BETAS]
+            [f"{r[f'recall_beta{b}']:.3f} / {r[f'kept_beta{b}']:.1%}" if f"recall_beta{b}" in r else "—"
+             for b in BETAS]
         lines.append("| " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "ranking.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

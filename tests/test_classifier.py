@@ -293,6 +293,7 @@ def test_ranking_benchmark_reports_held_out_trees(tmp_path):
                     "--out", str(out), "--holdout-of", clf, f"mine={clf}"], check=True, capture_output=True)
     result = json.loads((out / "ranking.json").read_text())
     assert result["held_out_trees"] == len(report["val_trees"]) == 10 and result["nodes"] == 10 * 200
+    assert list(result["classifiers"]) == ["joint probability P (no classifier)", "mine"]
     mine = result["classifiers"]["mine"]
     assert mine["average_precision"] > 0.95  # the rule is learnable: the top 5% of nodes are nearly all accepted
     assert mine["recall_top0.05"] == pytest.approx(0.05 * result["nodes"] / result["accepted"], rel=0.05)
