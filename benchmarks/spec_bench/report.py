@@ -11,7 +11,7 @@ import os
 import sys
 
 CURVES = ("eagle2", "c2t", "c2t_no_second_prune")
-MERGE = {"c2t_high_beta": "c2t", "eagle2_small": "eagle2"}  # extra sweep points run separately join their curve
+MERGE = {"c2t_high_beta": "c2t", "c2t_low_beta": "c2t", "eagle2_small": "eagle2", "eagle2_large": "eagle2"}  # extra sweep points run separately join their curve
 
 
 def load(out: str) -> dict[str, dict[str, dict]]:

@@ -15,6 +15,10 @@ MAX_NEW=${MAX_NEW:-256}
 LIMIT_ARG=${LIMIT:+--limit $LIMIT}
 EAGLE_TOTALS=${EAGLE_TOTALS:-20,40,80}
 C2T_BETAS=${C2T_BETAS:-0.5,0.7,0.85,0.95}
+# Extra sweep points run as their own (resumable) directories, joined to the curves by report.py: larger
+# EAGLE-2 trees / lower C2T thresholds to reach τ >= 1 where the main sweep stops short. Empty: none.
+EAGLE_TOTALS_LARGE=${EAGLE_TOTALS_LARGE:-}
+C2T_BETAS_LOW=${C2T_BETAS_LOW:-}
 ABLATION_DIR=${ABLATION_DIR:-runs/classifier_ablation}
 TREES=${TREES:-runs/trees}
 MT_EXTRAS=${MT_EXTRAS:-1}
@@ -37,9 +41,16 @@ bench() {  # name, extra args...
 
 for set in $SETS; do
   q="$DATA/$set.jsonl"
-  [[ $BASELINES == 1 ]] && bench "$set/baselines" --prompts "$q" --strategies ar,prompt_lookup
+  if [[ $BASELINES == 1 ]]; then bench "$set/baselines" --prompts "$q" --strategies ar,prompt_lookup; fi
   bench "$set/eagle2" --prompts "$q" --strategies eagle2 --top-k-tree 15 --depth 9 --sweep "total_tokens=$EAGLE_TOTALS"
   bench "$set/c2t" --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --sweep "beta=$C2T_BETAS"
+  if [[ -n $EAGLE_TOTALS_LARGE ]]; then
+    bench "$set/eagle2_large" --prompts "$q" --strategies eagle2 --top-k-tree 15 --depth 9 \
+      --sweep "total_tokens=$EAGLE_TOTALS_LARGE"
+  fi
+  if [[ -n $C2T_BETAS_LOW ]]; then
+    bench "$set/c2t_low_beta" --prompts "$q" --strategies c2t --top-k-tree 15 --d-max 10 --sweep "beta=$C2T_BETAS_LOW"
+  fi
 done
 if [[ " $SETS " == *" mt_bench "* && $MT_EXTRAS == 1 ]]; then
 q="$DATA/mt_bench.jsonl"
