@@ -99,6 +99,13 @@ def test_rule_goes_plain_when_drafting_loses_and_probes_again():
     assert not rule.take_plain_step()
     with pytest.raises(ValueError, match="probe_every"):
         CostRule(flat(), probe_every=0)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="draft_cost"):
+            CostRule(flat(), draft_cost=bad)
+    p = torch.tensor([0.9, 0.8])  # a slow draft makes the same tree pay less; a pinned cost ignores the clock
+    assert CostRule(flat(0.1, 0.02)).choose(p, 1.0)[1] < CostRule(flat(0.1, 0.02)).choose(p, 0.0)[1]
+    pinned = CostRule(flat(0.1, 0.02), draft_cost=0.0)
+    assert pinned.choose(p, 1.0) == pinned.choose(p, 0.0) == CostRule(flat(0.1, 0.02)).choose(p, 0.0)
 
 
 def _draft(kind, target):
@@ -117,7 +124,7 @@ def test_greedy_output_under_the_cost_rule_is_the_targets(strategy, draft_kind, 
     want = target.generate(PROMPT[None], do_sample=False, max_new_tokens=30, min_new_tokens=30,
                            pad_token_id=0)[0, PROMPT.numel():].tolist()
     prof = {"cheap": flat(0.1, 0.001), "steep": flat(0.1, 0.03), "plain": flat(0.1, 10.0)}[profile]
-    rule = CostRule(prof, probe_every=2, max_plain=4)
+    rule = CostRule(prof, probe_every=2, max_plain=4, draft_cost=0.001)  # not the drafting's wall time: load-free
     gen = SpeculativeGenerator(target, draft, tiny_strategies(k=3, depth=2, total=10)[strategy], eos_token_id=[],
                                budget=rule, ngram=NgramLookup(num_tokens=4, max_ngram=3))
     out = gen.generate(PROMPT, max_new_tokens=30)
@@ -134,7 +141,7 @@ def test_greedy_output_under_the_cost_rule_is_the_targets(strategy, draft_kind, 
 def test_the_draft_follows_the_text_through_plain_steps():
     """After plain steps the draft's context is the text: a self-draft accepts its whole chain again."""
     target = tiny_causal_lm("llama", 6, 2, seed=1)
-    rule = CostRule(flat(10.0, 0.0), probe_every=3, max_plain=3)  # a plain step "costs" 10 s: drafting wins
+    rule = CostRule(flat(10.0, 0.0), probe_every=3, max_plain=3, draft_cost=0.0)  # a plain step "costs" 10 s
     rule.after_step(0.0)  # start with 3 plain steps
     gen = SpeculativeGenerator(target, DraftLM(target), Chain(3), eos_token_id=[], budget=rule)
     rule.reset = lambda: None  # keep the forced plain steps for this run
@@ -177,7 +184,7 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
     # one generator whose trees the rule cuts (0.04 s per verified token), one whose step is plain
     gens = [SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[],
                                  budget=rule, ngram=NgramLookup(num_tokens=3, max_ngram=2))
-            for rule in (CostRule(flat(0.1, 0.04)), PlainFirst(flat(0.1, 0.04)))]
+            for rule in (CostRule(flat(0.1, 0.04), draft_cost=0.0), PlainFirst(flat(0.1, 0.04), draft_cost=0.0))]
     joint = two_token_law(target, prompt, 0.8)
     counts = np.zeros(V * V)
     cut = plain = 0

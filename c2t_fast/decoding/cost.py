@@ -203,7 +203,9 @@ class Calibrator:
 class CostRule:
     """Per-step tree sizing by measured cost (see the module doc). ``profile``: the target's
     ``CostProfile``; ``probe_every``: plain steps before the first probe after a losing speculative
-    step (doubling while probes keep losing, up to ``max_plain``)."""
+    step (doubling while probes keep losing, up to ``max_plain``); ``draft_cost``: seconds charged for
+    a step's drafting instead of the time it took (None: the measured time), for sizing that does not
+    depend on the machine's load, as in tests or when comparing runs."""
 
     profile: CostProfile
     probe_every: int = 4
@@ -212,10 +214,13 @@ class CostRule:
     path: Calibrator = field(default_factory=Calibrator)  # path-level scores (C2T's confidence)
     conditional: Calibrator = field(default_factory=Calibrator)  # P(node | parent accepted) from q(node | parent)
     ngram_hits: list = field(default_factory=list)  # per depth: [accepted, seen]
+    draft_cost: float | None = None
 
     def __post_init__(self):
         if self.probe_every < 1 or self.max_plain < self.probe_every or self.margin <= 0:
             raise ValueError("CostRule needs probe_every >= 1, max_plain >= probe_every and margin > 0")
+        if self.draft_cost is not None and not self.draft_cost >= 0:
+            raise ValueError(f"CostRule needs draft_cost >= 0 or None, got {self.draft_cost!r}")
         self.reset()
 
     def reset(self) -> None:
@@ -238,7 +243,10 @@ class CostRule:
 
     def choose(self, probs: torch.Tensor, draft_s: float) -> tuple[int, float]:
         """(m, expected tokens/s): verify the m most probable nodes (``probs [n]``, the drafted nodes'
-        calibrated acceptance, root excluded)."""
+        calibrated acceptance, root excluded); ``draft_s``: this step's drafting time (``draft_cost``
+        replaces it when set)."""
+        if self.draft_cost is not None:
+            draft_s = self.draft_cost
         p = torch.sort(probs.float().cpu(), descending=True).values
         gain = torch.cat([torch.zeros(1), torch.cumsum(p, 0)]) + 1.0
         cost = torch.tensor([draft_s + self.profile.verify(1 + m) for m in range(p.numel() + 1)])
