@@ -223,6 +223,9 @@ def test_selection_rule_prefers_recall_then_low_positive_rate():
     for h, ap in zip(hist, (0.2, 0.1, 0.3, 0.3)):
         h["average_precision"] = ap
     assert select_epoch(hist, 0.005, by="average_precision") == 2  # the earliest of the best
+    hist[0]["average_precision"] = float("nan")  # no validation positives: never above a number
+    hist[1]["average_precision"] = 0.0
+    assert select_epoch(hist[:2], 0.005, by="average_precision") == 1
     with pytest.raises(ValueError, match="select_by"):
         select_epoch(hist, 0.005, by="loss")
 

@@ -57,9 +57,11 @@ class TrainConfig:
 def select_epoch(history: list[dict], tolerance: float, by: str = "recall") -> int:
     """Index of the selected checkpoint. ``by="recall"``: the best recall; among those within
     ``tolerance`` of it, the one with the lowest positive rate (earliest on ties).
-    ``by="average_precision"``: the highest validation average precision (earliest on ties)."""
+    ``by="average_precision"``: the highest validation average precision (earliest on ties; NaN, a
+    validation split without positives, counts as lowest)."""
     if by == "average_precision":
-        return max(range(len(history)), key=lambda i: (history[i]["average_precision"], -i))
+        ap = [h["average_precision"] for h in history]
+        return max(range(len(history)), key=lambda i: (ap[i] if ap[i] == ap[i] else -1.0, -i))
     if by != "recall":
         raise ValueError(f"select_by must be 'recall' or 'average_precision', got {by!r}")
     best_recall = max(h["recall"] for h in history)
