@@ -54,6 +54,9 @@ class TrainConfig:
         return 1e-4 if self.finetune_from is not None else 1e-3
 
 
+SELECT_BY = ("average_precision", "recall")  # TrainConfig.select_by
+
+
 def select_epoch(history: list[dict], tolerance: float, by: str = "recall") -> int:
     """Index of the selected checkpoint. ``by="recall"``: the best recall; among those within
     ``tolerance`` of it, the one with the lowest positive rate (earliest on ties).
@@ -62,8 +65,8 @@ def select_epoch(history: list[dict], tolerance: float, by: str = "recall") -> i
     if by == "average_precision":
         ap = [h["average_precision"] for h in history]
         return max(range(len(history)), key=lambda i: (ap[i] if ap[i] == ap[i] else -1.0, -i))
-    if by != "recall":
-        raise ValueError(f"select_by must be 'recall' or 'average_precision', got {by!r}")
+    if by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {SELECT_BY}, got {by!r}")
     best_recall = max(h["recall"] for h in history)
     close = [i for i, h in enumerate(history) if h["recall"] >= best_recall - tolerance]
     return min(close, key=lambda i: (history[i]["positive_rate"], i))
@@ -148,8 +151,8 @@ def train_classifier(data: str, out: str, config: TrainConfig | None = None, pro
     """Train on the tree dataset at ``data``; write the selected classifier, ``report.json`` and
     ``training.png`` to ``out``. Returns the report."""
     cfg = config or TrainConfig()
-    if cfg.select_by not in ("recall", "average_precision"):
-        raise ValueError(f"select_by must be 'recall' or 'average_precision', got {cfg.select_by!r}")
+    if cfg.select_by not in SELECT_BY:  # before reading the data or writing anything
+        raise ValueError(f"select_by must be one of {SELECT_BY}, got {cfg.select_by!r}")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     rows = open_tree_dataset(data)

@@ -87,7 +87,8 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
 
         prompts = first_turns(cfg.start, cfg.conversations, cfg.max_prompt_chars)
     prompts = prompts[:cfg.conversations]
-    order = answer_order([len(encode_chat(tokenizer, p)) for p in prompts], cfg.batch_size * cfg.length_sort_batches)
+    encoded = [encode_chat(tokenizer, p) for p in prompts]  # once: the order needs the lengths, the batches the ids
+    order = answer_order([len(e) for e in encoded], cfg.batch_size * cfg.length_sort_batches)
     stop = chat_stop_ids(tokenizer) or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     done = meta["conversations_used"]
@@ -102,10 +103,9 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
     while done < len(prompts):
         batch_no = done // cfg.batch_size
         ranks = order[done:done + cfg.batch_size]
-        batch = [prompts[r] for r in ranks]
         sampled = cfg.sample_every > 0 and batch_no % cfg.sample_every == cfg.sample_every - 1
         torch.manual_seed(cfg.seed * 1_000_003 + batch_no)  # a resumed batch draws what it would have drawn
-        ids = [encode_chat(tokenizer, p) for p in batch]
+        ids = [encoded[r] for r in ranks]
         t = time.perf_counter()
         replies = generate_batch(target, ids, cfg.max_new_tokens, pad, stop,
                                  temperature=cfg.temperature if sampled else 0.0, top_p=cfg.top_p)
@@ -118,12 +118,12 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
                                      "sampled": sampled, "prompt": rank}) + "\n")
                 offset += len(seq)
                 meta["tokens"] += r.numel()
-        done += len(batch)
-        meta["sequences"] += len(batch)
+        done += len(ranks)
+        meta["sequences"] += len(ranks)
         meta["conversations_used"] = done
         meta["tokens_per_s"] = round(meta["tokens"] / max(meta["generate_s"], 1e-9), 2)
         _write_json(meta_file, meta)
-        bar.update(len(batch))
+        bar.update(len(ranks))
     bar.close()
     _write_json(meta_file, meta)
     return meta

@@ -258,6 +258,9 @@ def train_draft(target, cache_dir: str, out_dir: str, config: DraftTrainConfig |
     return report
 
 
+_TARGET_OWNED = ("embed_tokens.", "lm_head.", "rotary.")  # an EAGLE-1 head's modules that are the target's
+
+
 def init_head(head: EagleDraftHead, path: str) -> None:
     """Start ``head`` from the trained weights of the EAGLE-1 head saved at ``path`` (fine-tuning: a head
     trained on ShareGPT text, then on the target's own replies). The shared embedding and LM head stay the
@@ -268,9 +271,9 @@ def init_head(head: EagleDraftHead, path: str) -> None:
         raise ValueError(f"init_from={path!r}: {err}") from None
     if saved.own_embedding or saved.config.hidden_size != head.config.hidden_size:
         raise ValueError(f"init_from={path!r}: not an EAGLE-1 head of this target's width sharing its embedding")
-    state = {k: v for k, v in saved.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))}
+    state = {k: v for k, v in saved.state_dict().items() if not k.startswith(_TARGET_OWNED)}
     missing, unexpected = head.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head.", "rotary."))]
+    bad = [k for k in missing if not k.startswith(_TARGET_OWNED)]
     if bad or unexpected:
         raise ValueError(f"init_from={path!r}: weights do not match the head (missing {bad}, unexpected {unexpected})")
 

@@ -16,6 +16,7 @@ reader memory-maps the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -117,8 +118,6 @@ def collect_trees(target, tokenizer, draft, prompts: list[str], out: str, top_k:
     from ..hf.adapter import encode_chat
 
     total = 1 + top_k + depth * top_k * top_k  # the complete expanded tree: no rerank
-    import hashlib
-
     prompts_sha1 = hashlib.sha1("\x00".join(prompts).encode()).hexdigest()  # a rerun must answer the same prompts
     settings = {**(metadata or {}), "top_k": top_k, "depth": depth, "max_new_tokens": max_new_tokens,
                 "prompts_sha1": prompts_sha1}
