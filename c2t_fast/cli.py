@@ -261,6 +261,26 @@ def _distill_data(args) -> int:
     return 0
 
 
+def _generate_data(args) -> int:
+    from .hf.loading import load_target
+    from .training.generator import GeneratorConfig
+    from .training.selfdistill import generate_data
+
+    cfg = GeneratorConfig(**{f: getattr(args, f) for f in _GENERATOR_FLAGS})
+    target, tok = load_target(args.target, fast_linear=False)
+    meta = generate_data(target, tok, args.out, cfg, reply_tokens=args.reply_tokens, features_dir=args.features_dir,
+                         feature_budget_gb=args.feature_budget_gb, capture=not args.no_features,
+                         time_limit_s=args.time_limit)
+    s = meta["sessions"][-1]
+    print(f"{meta['jobs']} jobs, {meta['reply_tokens']} training + {meta['heldout_reply_tokens']} held-out reply tokens "
+          f"in {args.out}; this run: {s['reply_tokens_per_s']} reply tokens/s on {s['cpu']}")
+    return 0
+
+
+_GENERATOR_FLAGS = ("slots", "capacity", "max_new_tokens", "max_turn_tokens", "sample_share", "kv_dtype",
+                    "magpie_prompts", "magpie_every", "seed", "shard_jobs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .decoding.strategies import STRATEGIES
 
@@ -401,6 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "distill_smollm2 was made)")
     _add_device_flag(x)
     x.set_defaults(func=_distill_data)
+
+    from .training.generator import GeneratorConfig
+
+    g = sub.add_parser("generate-data", help="grow a self-distilled data set at the machine's speed: the target's "
+                                              "replies to every ShareGPT human turn (and Magpie prompts), token ids "
+                                              "committed in shards, draft features on local disk; resumable")
+    g.add_argument("--out", required=True)
+    g.add_argument("--target", default="smollm2")
+    g.add_argument("--reply-tokens", type=int, default=5_000_000, help="stop once the data set holds this many "
+                                                                       "training reply tokens")
+    g.add_argument("--time-limit", type=float, default=None, help="seconds after which this run stops")
+    g.add_argument("--features-dir", default=None, help="local directory of the draft features (default: under "
+                                                        "the c2t_fast cache)")
+    g.add_argument("--feature-budget-gb", type=float, default=25.0)
+    g.add_argument("--no-features", action="store_true", help="token ids only")
+    defaults = GeneratorConfig()
+    for f in _GENERATOR_FLAGS:
+        v = getattr(defaults, f)
+        g.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    g.set_defaults(func=_generate_data)
     return p
 
 

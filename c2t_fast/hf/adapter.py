@@ -89,6 +89,50 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool = True) -> torc
     return enc["input_ids"][0]
 
 
+_SENTINEL = "\u2063c2t-sentinel\u2063"
+
+
+def _rendered_around_sentinel(tokenizer, messages, add_generation_prompt: bool) -> tuple[str, str]:
+    """The chat template's text before and after a sentinel message content."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    i = text.index(_SENTINEL)
+    return text[:i], text[i + len(_SENTINEL):]
+
+
+def _text_ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
+def chat_continuation(tokenizer, user_text: str) -> torch.Tensor:
+    """Token ids ``int64 [n]`` that follow an assistant reply's end-of-turn token and open the next user
+    turn ``user_text`` and the assistant's answer to it (ChatML: ``"\n<|im_start|>user\n...<|im_end|>\n
+    <|im_start|>assistant\n"``): a multi-turn conversation grows by these after each reply the model
+    wrote itself, with no re-encoding of its own tokens."""
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL},
+            {"role": "user", "content": user_text}]
+    _, after = _rendered_around_sentinel(tokenizer, msgs, True)
+    return _text_ids(tokenizer, _without_end_of_turn(after))  # the reply's own end-of-turn token is in already
+
+
+def user_turn_prefix(tokenizer) -> torch.Tensor:
+    """Token ids ``int64 [n]`` of a conversation up to where its first user turn's text begins (the
+    template's default system prompt included): what Magpie-style prompt synthesis feeds the model, so
+    that it writes a user turn itself."""
+    before, _ = _rendered_around_sentinel(tokenizer, [{"role": "user", "content": _SENTINEL}], False)
+    return _text_ids(tokenizer, before)
+
+
+def assistant_opening(tokenizer) -> torch.Tensor:
+    """Token ids that follow a user turn's end-of-turn token and open the assistant's reply."""
+    _, after = _rendered_around_sentinel(tokenizer, [{"role": "user", "content": _SENTINEL}], True)
+    return _text_ids(tokenizer, _without_end_of_turn(after))
+
+
+def _without_end_of_turn(text: str) -> str:
+    stops = [t for t in _END_OF_TURN if text.startswith(t)]
+    return text[len(stops[0]):] if stops else text
+
+
 def chat_stop_ids(tokenizer) -> list[int]:
     """The end-of-turn token ids this tokenizer knows (``<|im_end|>`` for SmolLM2), to stop a chat reply."""
     vocab = tokenizer.get_vocab()

@@ -509,3 +509,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2 = x2.contiguous()
     y = torch.ops.c2t_fast.skinny_linear(x2, weight, bias)
     return y.view(*lead, y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention: batched one-token attention over a static cache (kernels/decode_attention.py).
+
+from .decode_attention import decode_attention  # noqa: E402  (needs _C loaded above)

@@ -272,3 +272,18 @@ def skinny_linear(x, weight, bias=None):
     if bias is not None:
         y = y + bias.double()
     return y.float()
+
+
+def decode_attention(q, k, v, lengths, scale: float):
+    """One query per sequence over its first ``lengths[b]`` cached keys: q ``[B, Hq, D]``, k/v
+    ``[B, Hkv, C, D]`` (any of fp32/bf16/fp16; computed in fp32), lengths int64 ``[B]`` -> ``[B, Hq, D]``
+    in q's dtype. Query head h reads KV head ``h // (Hq / Hkv)``."""
+    B, Hq, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    kf = k.float().repeat_interleave(G, dim=1)  # [B, Hq, C, D]
+    vf = v.float().repeat_interleave(G, dim=1)
+    s = torch.einsum("bhd,bhcd->bhc", q.float(), kf) * scale
+    keep = torch.arange(C, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # [B, C]
+    s = s.masked_fill(~keep[:, None, :], float("-inf"))
+    return torch.einsum("bhc,bhcd->bhd", torch.softmax(s, -1), vf).to(q.dtype)

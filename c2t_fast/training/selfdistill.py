@@ -1,0 +1,276 @@
+"""A self-distilled data set grown by the generator (``training.generator``) across sessions: the store
+(token-id shards meant for git, features on local disk), the resumable run that grows it, and reading
+it back for training.
+
+``generate_data(target, tokenizer, out_dir, config, reply_tokens=N)`` continues the data set in
+``out_dir`` until it holds N reply tokens (or the job list ends, or ``time_limit_s`` passes), committing
+whole jobs in order; run it again with a larger N in the next session. The job list is fixed by the
+config: the held-out ShareGPT conversations first (greedy), then the training conversations with one
+Magpie job after every ``magpie_every`` of them. The Magpie prompts are synthesised first (phase 1,
+their own resumable file) when ``magpie_prompts`` > 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..hf import adapter as hf
+from ..hf.static_batch import StaticBatchLM
+from .feature_store import FeatureStore, _write_json
+from .generator import Finished, GeneratorConfig, SlotScheduler
+from .prompts import Job, PromptFilter, interleave, sharegpt_jobs
+
+FORMAT = "c2t-selfdistill"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def default_features_dir(out_dir: str) -> str:
+    from ..hf.shipped import cache_root
+
+    return os.path.join(cache_root(), "features", os.path.basename(os.path.abspath(out_dir)))
+
+
+def _config_dict(cfg: GeneratorConfig) -> dict:
+    d = asdict(cfg)
+    d["temperatures"] = list(d["temperatures"])
+    return d
+
+
+class DataStore:
+    """The committed part of a data set: ``meta.json`` and ``shard_XXXXX/{tokens.bin, index.jsonl}``."""
+
+    def __init__(self, out_dir: str, cfg: GeneratorConfig, vocab: int, create: bool = True):
+        self.dir, self.cfg = out_dir, cfg
+        self.dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<i4")
+        self.meta_file = os.path.join(out_dir, "meta.json")
+        self.meta = {"format": FORMAT, "version": 1, "dtype": self.dtype.str, "config": _config_dict(cfg),
+                     "jobs": 0, "tokens": 0, "reply_tokens": 0, "heldout_reply_tokens": 0,
+                     "shard_tokens": 0, "generate_s": 0.0, "sessions": []}
+        if os.path.isfile(self.meta_file):
+            with open(self.meta_file) as f:
+                old = json.load(f)
+            if old.get("format") != FORMAT or old.get("config") != _config_dict(cfg) or old.get("dtype") != self.dtype.str:
+                raise ValueError(f"{out_dir} holds a data set with other settings ({old.get('config')}); "
+                                 "continue it with the same settings or use a new directory")
+            self.meta = old
+        elif create:
+            os.makedirs(out_dir, exist_ok=True)
+        self._cut_back()
+
+    def shard_of(self, job_number: int) -> tuple[int, int]:
+        return divmod(job_number, self.cfg.shard_jobs)
+
+    def _paths(self, shard: int) -> tuple[str, str]:
+        d = os.path.join(self.dir, f"shard_{shard:05d}")
+        return os.path.join(d, "tokens.bin"), os.path.join(d, "index.jsonl")
+
+    def committed_shard_tokens(self) -> int:
+        """Tokens committed to the shard the next job goes to."""
+        return self.meta["shard_tokens"] if self.shard_of(self.meta["jobs"])[1] else 0
+
+    def _cut_back(self) -> None:
+        """Files back to the committed jobs (a run interrupted between a write and the meta)."""
+        shard, in_shard = self.shard_of(self.meta["jobs"])
+        tokens, index = self._paths(shard)
+        if os.path.isfile(tokens):
+            with open(tokens, "r+b") as f:
+                f.truncate(self.committed_shard_tokens() * self.dtype.itemsize)
+        if os.path.isfile(index):
+            with open(index) as f:
+                lines = f.readlines()
+            if len(lines) > in_shard:
+                with open(index, "w") as f:
+                    f.writelines(lines[:in_shard])
+        for later in range(shard + 1, shard + 1000):  # shards opened after the last committed job
+            t, i = self._paths(later)
+            if not os.path.isdir(os.path.dirname(t)):
+                break
+            for p in (t, i):
+                if os.path.isfile(p):
+                    os.remove(p)
+
+    def commit(self, fin: Finished) -> tuple[int, int]:
+        """Append a finished job (``fin.number`` must be the next job); returns (shard, index in shard)."""
+        if fin.number != self.meta["jobs"]:
+            raise ValueError(f"job {fin.number} committed out of order (next is {self.meta['jobs']})")
+        shard, in_shard = self.shard_of(fin.number)
+        if in_shard == 0:
+            self.meta["shard_tokens"] = 0
+        tokens, index = self._paths(shard)
+        os.makedirs(os.path.dirname(tokens), exist_ok=True)
+        with open(tokens, "ab") as f:
+            f.write(fin.tokens.astype(self.dtype).tobytes())
+        row = {"job": fin.number, "kind": fin.job.kind, "source_id": fin.job.source_id, "split": fin.job.split,
+               "offset": self.meta["shard_tokens"], "length": int(fin.tokens.size), "replies": fin.spans}
+        if fin.skipped:
+            row["skipped"] = fin.skipped
+        with open(index, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        reply = sum(b - a for a, b, _ in fin.spans) if fin.job.kind != "magpie_prompt" else 0
+        m = self.meta
+        m["jobs"] += 1
+        m["tokens"] += int(fin.tokens.size)
+        m["shard_tokens"] += int(fin.tokens.size)
+        m["reply_tokens" if fin.job.split == "train" else "heldout_reply_tokens"] += reply
+        return shard, in_shard
+
+    def flush(self) -> None:
+        _write_json(self.meta_file, self.meta)
+
+
+def _magpie_prompts(lm, tok, out_dir: str, cfg: GeneratorConfig, progress: bool) -> list[str]:
+    """Phase 1: the kept Magpie prompts (synthesising the missing ones first), in order."""
+    from tqdm.auto import tqdm
+
+    path = os.path.join(out_dir, "magpie_prompts.jsonl")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [json.loads(x) for x in f if x.strip()]
+    rows = rows[:cfg.magpie_prompts]
+    filt = PromptFilter()
+    for r in rows:  # replay the filter: the kept set decides later verdicts
+        filt.verdict(r["text"])
+    if len(rows) < cfg.magpie_prompts:
+        sched = SlotScheduler(lm, tok, cfg, capture=False)
+        todo = (Job("magpie_prompt", i) for i in range(len(rows), cfg.magpie_prompts))
+        bar = tqdm(total=cfg.magpie_prompts, initial=len(rows), desc="synthesising Magpie prompts", disable=not progress)
+        with open(path, "a") as f:
+            for fin in sched.run(todo, first_number=len(rows)):
+                a, b, _ = fin.spans[0]
+                body = [t for t in fin.tokens[a:b].tolist() if t not in sched.stops]
+                text = tok.decode(body).strip()
+                ended = bool(fin.tokens[b - 1] in sched.stops)
+                reason = filt.verdict(text) if ended else "unfinished"
+                row = {"rank": fin.number, "text": text, "kept": reason is None}
+                if reason:
+                    row["reason"] = reason
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                rows.append(row)
+                bar.update(1)
+        bar.close()
+    return [r["text"] for r in rows if r["kept"]]
+
+
+def job_list(lm, tok, out_dir: str, cfg: GeneratorConfig, progress: bool = True) -> list[Job]:
+    """Every job of the data set, in order (synthesising the Magpie prompts when they are missing)."""
+    held, train = sharegpt_jobs()
+    magpie = []
+    if cfg.magpie_prompts:
+        magpie = [Job("magpie", i, (t,)) for i, t in enumerate(_magpie_prompts(lm, tok, out_dir, cfg, progress))]
+    return held + interleave(train, magpie, cfg.magpie_every)
+
+
+def generate_data(target, tokenizer, out_dir: str, config: GeneratorConfig | None = None, reply_tokens: int = 5_000_000,
+                  features_dir: str | None = None, feature_budget_gb: float = 25.0, capture: bool = True,
+                  time_limit_s: float | None = None, max_jobs: int | None = None, jobs: list[Job] | None = None,
+                  progress: bool = True) -> dict:
+    """Grow the data set in ``out_dir`` until it holds ``reply_tokens`` training reply tokens (or the jobs
+    run out, ``time_limit_s`` passes, or ``max_jobs`` jobs were committed by this call); returns the meta.
+    ``jobs``: the job list instead of ShareGPT's (tests)."""
+    from tqdm.auto import tqdm
+
+    cfg = config or GeneratorConfig()
+    cfg.validate()
+    vocab = hf.vocab_size(target)
+    store = DataStore(out_dir, cfg, vocab)
+    if store.meta["reply_tokens"] >= reply_tokens:
+        return store.meta
+    from ..decoding.hub_heads import eagle3_feature_layers
+
+    n_layers = hf.text_config(target).num_hidden_layers
+    layers = eagle3_feature_layers(n_layers)
+    # "auto" is resolved once per machine and kept: a resumed run must multiply with the same GEMMs
+    machine = f"{cpu_name()} / {torch.get_num_threads()} threads / torch {torch.__version__}"
+    linear = store.meta.setdefault("linear_choice", {}).get(machine, cfg.linear) if cfg.linear == "auto" else cfg.linear
+    lm = StaticBatchLM(target, cfg.slots, cfg.capacity, feature_layers=layers, linear=linear,
+                       kv_dtype=getattr(torch, cfg.kv_dtype))
+    store.meta["linear_choice"][machine] = lm.linear_choice()
+    all_jobs = jobs if jobs is not None else job_list(lm, tokenizer, out_dir, cfg, progress)
+    feats = None
+    if capture:
+        feats = FeatureStore(features_dir or default_features_dir(out_dir), {"config": _config_dict(cfg), "dtype": store.dtype.str},
+                             lm.hidden * len(layers), lm.hidden if cfg.store_hidden else 0, cfg.top_logprobs, vocab,
+                             feature_budget_gb)
+        shard, in_shard = store.shard_of(store.meta["jobs"])
+        feats.truncate(shard, in_shard, store.committed_shard_tokens())
+        feats.meta["feature_layers"] = list(layers)
+    sched = SlotScheduler(lm, tokenizer, cfg, capture=capture)
+    start_jobs, start_tokens = store.meta["jobs"], store.meta["reply_tokens"]
+    session = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "first_job": start_jobs, "jobs": 0,
+               "reply_tokens": 0, "all_reply_tokens": 0, "seconds": 0.0, "linear": lm.linear_choice()}
+    store.meta["sessions"].append(session)
+    bar = tqdm(total=reply_tokens, initial=min(start_tokens, reply_tokens), desc="generating the target's replies",
+               unit="tok", disable=not progress)
+    t0 = last_flush = time.perf_counter()
+    base_s = store.meta["generate_s"]
+
+    def flush():
+        now = time.perf_counter()
+        session.update(jobs=store.meta["jobs"] - start_jobs, reply_tokens=store.meta["reply_tokens"] - start_tokens,
+                       all_reply_tokens=sched.reply_tokens, seconds=round(now - t0, 1),
+                       reply_tokens_per_s=round(sched.reply_tokens / max(now - t0, 1e-9), 1), steps=sched.steps)
+        store.meta["generate_s"] = round(base_s + now - t0, 1)
+        if feats is not None:
+            feats.flush()
+        store.flush()
+
+    try:
+        out_of_time = (lambda: time.perf_counter() - t0 > time_limit_s) if time_limit_s else None
+        for fin in sched.run(all_jobs[start_jobs:], first_number=start_jobs, should_stop=out_of_time):
+            before = store.meta["reply_tokens"]
+            shard, in_shard = store.commit(fin)
+            if feats is not None:
+                feats.append(shard, in_shard, fin)
+            bar.update(store.meta["reply_tokens"] - before)
+            if time.perf_counter() - last_flush > 30:
+                flush()
+                last_flush = time.perf_counter()
+            if store.meta["reply_tokens"] >= reply_tokens or (max_jobs and store.meta["jobs"] - start_jobs >= max_jobs):
+                break
+    finally:
+        flush()
+        bar.close()
+    return store.meta
+
+
+def stored_jobs(out_dir: str, split: str | None = "train", kinds: tuple = ("sharegpt", "magpie")) -> Iterator[dict]:
+    """The committed jobs of a data set, in order: each index row with ``tokens`` (int64 ``[n]``) and
+    ``shard``; ``split`` None for every split; skipped jobs and synthesised prompts left out."""
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        meta = json.load(f)
+    shard_jobs = meta["config"]["shard_jobs"]
+    n_shards = (meta["jobs"] + shard_jobs - 1) // shard_jobs
+    for shard in range(n_shards):
+        d = os.path.join(out_dir, f"shard_{shard:05d}")
+        data = np.fromfile(os.path.join(d, "tokens.bin"), dtype=meta["dtype"])
+        with open(os.path.join(d, "index.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                if row["job"] >= meta["jobs"]:
+                    return
+                if row.get("skipped") or row["kind"] not in kinds or (split and row["split"] != split):
+                    continue
+                row["tokens"] = torch.from_numpy(data[row["offset"]:row["offset"] + row["length"]].astype(np.int64))
+                row["shard"] = shard
+                yield row
