@@ -278,6 +278,54 @@ def fuzz_compact_kv(data):
 
 
 @given(st.data())
+def fuzz_decode_attention(data):
+    draw = data.draw
+    B, Hkv, C = draw(st.integers(0, 4)), draw(st.integers(1, 3)), draw(st.integers(0, 40))
+    G = draw(st.sampled_from([1, 2, 3, 3, 4, 16, 17]))
+    D = draw(st.sampled_from([1, 3, 8, 16, 24, 64, 64, 128, 257]))
+    kv = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    q = floats_for(draw, (B, Hkv * G, D))
+    k = floats_for(draw, (B, Hkv, C, D)).to(kv)
+    v = floats_for(draw, (B, Hkv, C, D), specials=False).to(kv)  # 0 * inf where softmax underflows differs by exp
+    lengths = torch.randint(1, max(C, 1) + 1, (B,), generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    corrupt = draw(st.sampled_from(["none"] * 8 + ["len_low", "len_high", "len_dtype", "len_shape", "kv_dtype",
+                                                   "v_shape", "q_rank", "q_dtype", "k_stride"]))
+    if corrupt == "len_low" and B:
+        lengths[draw(st.integers(0, B - 1))] = draw(st.sampled_from([0, -1, *HUGE]))
+    elif corrupt == "len_high" and B:
+        lengths[draw(st.integers(0, B - 1))] = C + draw(st.integers(1, 3))
+    elif corrupt == "len_dtype":
+        lengths = lengths.to(draw(st.sampled_from([torch.int32, torch.float32])))
+    elif corrupt == "len_shape":
+        lengths = lengths[None]
+    elif corrupt == "kv_dtype":
+        v = v.to(draw(st.sampled_from([torch.float64, torch.int32, torch.float32 if kv != torch.float32 else torch.half])))
+    elif corrupt == "v_shape":
+        v = v[:, :, :max(C - 1, 0)]
+    elif corrupt == "q_rank":
+        q = q[None]
+    elif corrupt == "q_dtype":
+        q = q.to(draw(st.sampled_from([torch.float64, torch.int64])))
+    elif corrupt == "k_stride" and D > 1:
+        k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    scale = draw(st.sampled_from([D ** -0.5, 1.0, 0.0, float("nan")]))
+
+    def compare(out, want):
+        assert out.dtype == want.dtype and out.shape == want.shape
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+    def ref():
+        if not (isinstance(scale, float) and scale == scale):
+            raise ValueError("scale")
+        if B and not bool(((lengths >= 1) & (lengths <= C)).all()):
+            raise ValueError("lengths")
+        return reference.decode_attention(q, k, v, lengths, scale)
+
+    run(lambda: OPS.decode_attention(q, k, v, lengths, scale), ref, [q, k, v, lengths],
+        ["decode_attention", "q", "k", "v", "lengths", "scale", "head_dim", "Hq"], compare)
+
+
+@given(st.data())
 def fuzz_skinny_linear(data):
     draw = data.draw
     M, K, N = draw(st.integers(0, 70)), draw(st.sampled_from([0, 1, 3, 7, 8, 9, 16, 33])), draw(st.integers(0, 13))
@@ -512,7 +560,7 @@ FUZZERS = {"build_tree": fuzz_build_tree, "prune_tree": fuzz_prune_tree, "rerank
            "tree_attention": fuzz_tree_attention, "score_children": fuzz_score_children,
            "score_children_triton": fuzz_score_children_triton, "tree_attention_triton": fuzz_tree_attention_triton,
            "_score_tail": fuzz_score_tail, "rescale_attention_": fuzz_rescale_attention,
-           "skinny_linear": fuzz_skinny_linear}
+           "skinny_linear": fuzz_skinny_linear, "decode_attention": fuzz_decode_attention}
 
 
 def main(argv=None) -> int:

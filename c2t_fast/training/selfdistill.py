@@ -201,10 +201,11 @@ def generate_data(target, tokenizer, out_dir: str, config: GeneratorConfig | Non
     layers = eagle3_feature_layers(n_layers)
     # "auto" is resolved once per machine and kept: a resumed run must multiply with the same GEMMs
     machine = f"{cpu_name()} / {torch.get_num_threads()} threads / torch {torch.__version__}"
-    linear = store.meta.setdefault("linear_choice", {}).get(machine, cfg.linear) if cfg.linear == "auto" else cfg.linear
+    choices = store.meta.setdefault("linear_choice", {})
+    linear = choices.get(machine, cfg.linear) if cfg.linear == "auto" else cfg.linear
     lm = StaticBatchLM(target, cfg.slots, cfg.capacity, feature_layers=layers, linear=linear,
                        kv_dtype=getattr(torch, cfg.kv_dtype))
-    store.meta["linear_choice"][machine] = lm.linear_choice()
+    choices[machine] = lm.linear_choice()
     all_jobs = jobs if jobs is not None else job_list(lm, tokenizer, out_dir, cfg, progress)
     feats = None
     if capture:
