@@ -277,6 +277,22 @@ def _generate_data(args) -> int:
     return 0
 
 
+def _train_head(args) -> int:
+    from .hf.loading import load_target
+    from .training.selfdistill_train import SelfDistillTrainConfig, train_selfdistilled
+
+    cfg = SelfDistillTrainConfig(**{f: getattr(args, f) for f in _HEAD_FLAGS})
+    target, _ = load_target(args.target, fast_linear=False)
+    report = train_selfdistilled(target, args.data, args.out, cfg, features_dir=args.features_dir)
+    print(json.dumps({"heldout": report["heldout"], "train_reply_tokens": report["data"]["train_reply_tokens"],
+                      "draft_vocab_coverage_heldout": report["draft_vocab_coverage_heldout"]}, indent=2))
+    print(f"wrote the EAGLE-3 head to {args.out} (use it with --draft {args.out})")
+    return 0
+
+
+_HEAD_FLAGS = ("reply_tokens", "epochs", "lr", "accumulate", "steps", "draft_vocab", "loss", "layers", "seed",
+               "save_every")
+
 _GENERATOR_FLAGS = ("slots", "capacity", "max_new_tokens", "max_turn_tokens", "sample_share", "kv_dtype",
                     "magpie_prompts", "magpie_every", "seed", "shard_jobs")
 
@@ -441,6 +457,23 @@ def build_parser() -> argparse.ArgumentParser:
         v = getattr(defaults, f)
         g.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     g.set_defaults(func=_generate_data)
+
+    from .training.selfdistill_train import SelfDistillTrainConfig
+
+    h = sub.add_parser("train-head", help="train an EAGLE-3 head on a `c2t-fast generate-data` data set: fused "
+                                          "three-layer features, training-time test, draft vocabulary by frequency in "
+                                          "the target's replies, soft labels from its top-k; held-out acceptance")
+    h.add_argument("--data", required=True, help="the data set directory")
+    h.add_argument("--out", required=True)
+    h.add_argument("--target", default="smollm2")
+    h.add_argument("--features-dir", default=None, help="where the data set's features are (recomputed when missing)")
+    defaults = SelfDistillTrainConfig()
+    for f in _HEAD_FLAGS:
+        v = getattr(defaults, f)
+        kind = int if f == "reply_tokens" else type(v)
+        h.add_argument("--" + f.replace("_", "-"), type=kind, default=v,
+                       **({"choices": ("soft", "hard")} if f == "loss" else {"choices": (1, 2)} if f == "layers" else {}))
+    h.set_defaults(func=_train_head)
     return p
 
 

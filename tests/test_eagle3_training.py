@@ -55,7 +55,7 @@ def _cached(target, tmp_path, n=12):
     return cache
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "eagle1", "eagle3_restricted"])
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1", "eagle3_restricted", "eagle3_two_layers"])
 def test_unrolled_steps_equal_the_inference_chain(kind):
     target = _target()
     adapter = TargetAdapter(target)
@@ -69,7 +69,7 @@ def test_unrolled_steps_equal_the_inference_chain(kind):
         feats = hidden
     else:
         vocab = torch.arange(97) if kind == "eagle3" else torch.randperm(97, generator=gen)[:40].sort().values
-        head = _perturbed(new_eagle3_head(target, vocab, layers)).eval()
+        head = _perturbed(new_eagle3_head(target, vocab, layers, extra_layers=int(kind.endswith("two_layers")))).eval()
         feats = aux
     steps, rows_from = 4, 5
     with torch.no_grad():

@@ -142,7 +142,8 @@ class Eagle3DraftHead(EagleDraftHead):
     The protocol (prefill, root, layer_logits, commit) is ``EagleDraftHead``'s; the engine gives it the
     features of ``feature_layers``."""
 
-    def __init__(self, cfg, target_hidden: int, draft_vocab: int, feature_layers: tuple, fc_bias: bool = False):
+    def __init__(self, cfg, target_hidden: int, draft_vocab: int, feature_layers: tuple, fc_bias: bool = False,
+                 extra_layers: int = 0):
         nn.Module.__init__(self)
         self.cache, self.n_stable, self.n_tree = None, 0, 0
         self.config = cfg
@@ -154,6 +155,9 @@ class Eagle3DraftHead(EagleDraftHead):
         self.target_hidden, self.feature_layers = target_hidden, tuple(feature_layers)
         self.fc = nn.Linear(3 * target_hidden, H, bias=fc_bias)
         self.midlayer = hf_layers.Eagle3MidLayer(cfg)
+        # further plain decoder layers after the midlayer (a deeper head: the 1-vs-2-layer ablation); the
+        # published layout has none, and config.num_hidden_layers counts them all
+        self.extra_layers = nn.ModuleList([hf_layers.StackedLayer(cfg, i + 1) for i in range(extra_layers)])
         self.norm = hf_layers.rms_norm(H, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, draft_vocab, bias=False)
         self.rotary = hf_layers.rotary_embedding(cfg)
@@ -208,13 +212,23 @@ class Eagle3DraftHead(EagleDraftHead):
         from_target = features.shape[-1] == 3 * self.target_hidden  # else the head's own output [H]
         hidden = self.fc(features.to(dtype)) if from_target else features.to(dtype)
         pos_emb = self.rotary(hidden, position_ids)
-        return self.midlayer(embeds, hidden, mask, pos_emb, cache)
+        out = self.midlayer(embeds, hidden, mask, pos_emb, cache)
+        for layer in self.extra_layers:
+            out = layer(out, mask, pos_emb, cache)
+        return out
 
     def t2d_mask(self) -> torch.Tensor:
         """bool ``[V]`` on the head's device: which target ids the head can draft."""
         mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.d2t.device)
         mask[self.vocab_ids_or_all().to(self.d2t.device)] = True
         return mask
+
+    def t2d_index(self) -> torch.Tensor:
+        """int64 ``[V]`` on the head's device: the draft id of each target id, -1 for those it cannot draft."""
+        idx = torch.full((self.config.vocab_size,), -1, dtype=torch.int64, device=self.d2t.device)
+        ids = self.vocab_ids_or_all()
+        idx[ids] = torch.arange(ids.numel(), device=ids.device)
+        return idx
 
     def vocab_ids_or_all(self) -> torch.Tensor:
         """The target id of every draft column (int64 ``[draft_vocab]``, on the head's device)."""
@@ -236,6 +250,7 @@ class Eagle3DraftHead(EagleDraftHead):
         save_file(state, os.path.join(path, "model.safetensors"))
         cfg = self.config.to_dict()
         cfg.update(architectures=["LlamaForCausalLMEagle3"], draft_type="eagle3", bias=self.fc_bias,
+                   num_hidden_layers=1 + len(self.extra_layers),
                    draft_vocab_size=self.d2t.numel(), target_hidden_size=self.target_hidden,
                    eagle_aux_hidden_state_layer_ids=list(self.feature_layers))
         with open(os.path.join(path, "config.json"), "w") as f:
@@ -261,7 +276,8 @@ def load_eagle3(path: str, target, state: dict | None = None) -> Eagle3DraftHead
     d2t = state.pop("d2t", None)
     if t2d is not None and t2d.numel() != cfg.vocab_size:
         raise ValueError(f"draft head {path!r}: t2d has {t2d.numel()} entries, expected vocab_size {cfg.vocab_size}")
-    head = Eagle3DraftHead(cfg, Ht, draft_vocab, layers, fc_bias="fc.bias" in state)
+    head = Eagle3DraftHead(cfg, Ht, draft_vocab, layers, fc_bias="fc.bias" in state,
+                           extra_layers=max(0, int(raw.get("num_hidden_layers") or 1) - 1))
     if "embed_tokens.weight" in state:
         head.embed_tokens, head.own_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size), True
     expected = {k: v.shape for k, v in head.state_dict().items() if not k.startswith("rotary.") and k != "d2t"}

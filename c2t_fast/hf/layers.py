@@ -47,6 +47,23 @@ def decoder_layer(cfg, input_norm: bool = True) -> tuple[nn.Module, nn.Module, s
     return layer, rotary_embedding(cfg), cache_kwarg(layer.forward)
 
 
+class StackedLayer(nn.Module):
+    """A plain Llama decoder layer stacked after a head's first layer (``layer_idx`` >= 1 in the head's
+    cache): ``forward(hidden, mask, position_embeddings, cache) -> hidden``."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        self.layer = LlamaDecoderLayer(cfg, layer_idx=layer_idx)
+        self._cache_kw = cache_kwarg(self.layer.forward)
+
+    def forward(self, hidden, attention_mask, position_embeddings, cache=None):
+        kw = {self._cache_kw: cache, "use_cache": True} if cache is not None else {}
+        out = self.layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+
 def rotary_embedding(cfg) -> nn.Module:
     """Llama RoPE for ``cfg``: ``rotary(x, position_ids) -> (cos, sin)``."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

@@ -62,7 +62,8 @@ class Eagle3TrainConfig:
             raise ValueError("Eagle3TrainConfig: step_decay in (0, 1], val_fraction in [0, 1), lr > 0")
 
 
-def new_eagle3_head(target, vocab_ids: torch.Tensor, feature_layers: tuple | None = None) -> Eagle3DraftHead:
+def new_eagle3_head(target, vocab_ids: torch.Tensor, feature_layers: tuple | None = None,
+                    extra_layers: int = 0) -> Eagle3DraftHead:
     """An untrained head for ``target`` drafting over ``vocab_ids`` (sorted int64), attached to it. Its
     LM head starts as the target's rows of those ids and its final norm as the target's (so the fresh
     head maps a target-like hidden state to target-like logits); fc starts as the projection onto the
@@ -70,7 +71,7 @@ def new_eagle3_head(target, vocab_ids: torch.Tensor, feature_layers: tuple | Non
     tc = hf.text_config(target)
     cfg = hf_layers.head_config(tc)
     layers = tuple(feature_layers) if feature_layers is not None else eagle3_feature_layers(tc.num_hidden_layers)
-    head = Eagle3DraftHead(cfg, tc.hidden_size, vocab_ids.numel(), layers)
+    head = Eagle3DraftHead(cfg, tc.hidden_size, vocab_ids.numel(), layers, extra_layers=extra_layers)
     head.set_d2t(vocab_ids - torch.arange(vocab_ids.numel()))
     H = tc.hidden_size
     with torch.no_grad():
@@ -151,8 +152,10 @@ def probe_init(head: Eagle3DraftHead, data: list[dict], max_positions: int = 200
     head.fc.weight.copy_(W.to(head.fc.weight.dtype))
     if head.fc.bias is not None:
         head.fc.bias.zero_()
-    head.midlayer.self_attn.o_proj.weight.zero_()
-    head.midlayer.mlp.down_proj.weight.zero_()
+    for attn, mlp in [(head.midlayer.self_attn, head.midlayer.mlp)] + [(x.layer.self_attn, x.layer.mlp)
+                                                                       for x in head.extra_layers]:
+        attn.o_proj.weight.zero_()
+        mlp.down_proj.weight.zero_()
     return float((X @ W.T - Y).norm() / Y.norm())
 
 

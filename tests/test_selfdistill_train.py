@@ -1,0 +1,126 @@
+"""The EAGLE-3 head trained on a self-distilled data set: soft (top-k) and hard labels and a second decoder
+layer all train (the losses fall, held-out acceptance beats the untrained head), the draft vocabulary
+covers the held-out replies as reported, the saved head loads and drafts losslessly, and a machine that
+lacks the features recomputes them from the committed token ids."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from c2t_fast.decoding.hub_heads import Eagle3DraftHead
+from c2t_fast.decoding.loading import load_draft
+from c2t_fast.training.generator import GeneratorConfig
+from c2t_fast.training.prompts import Job
+from c2t_fast.training.selfdistill import generate_data
+from c2t_fast.training.selfdistill_train import (SelfDistillData, SelfDistillTrainConfig, heldout_acceptance,
+                                                 train_selfdistilled)
+from support import load_smollm2
+
+WORDS = ["red", "blue", "one", "two", "cat", "dog", "sun", "rain", "yes", "no", "tree", "sea"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny random Llama (8 layers: features 2, 4, 5) with SmolLM2's tokenizer and its data set."""
+    import transformers
+
+    tok = load_smollm2()[1]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=8,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    jobs = [Job("sharegpt", 1000 + i, (" ".join(WORDS[j] for j in torch.randint(0, 12, (4,), generator=g)),),
+                "heldout") for i in range(4)]
+    jobs += [Job("sharegpt", i, tuple(" ".join(WORDS[j] for j in torch.randint(0, 12, (3,), generator=g))
+                                      for _ in range(2))) for i in range(24)]
+    d = tmp_path_factory.mktemp("selfdistill")
+    gcfg = GeneratorConfig(slots=4, capacity=256, max_new_tokens=16, shard_jobs=8, sample_share=0.25, magpie_prompts=0,
+                           linear="torch", kv_dtype="float32")
+    generate_data(model, tok, str(d / "data"), gcfg, jobs=jobs, features_dir=str(d / "features"), progress=False)
+    return model, d
+
+
+CFG = SelfDistillTrainConfig(epochs=6, lr=3e-3, warmup=2, accumulate=2, save_every=5, draft_vocab=300, probe_jobs=8,
+                             heldout_jobs=4)
+
+
+@pytest.mark.parametrize("variant", [{}, {"loss": "hard"}, {"layers": 2}])
+def test_trains_saves_and_drafts_losslessly(dataset, tmp_path, variant):
+    model, d = dataset
+    cfg = SelfDistillTrainConfig(**{**CFG.__dict__, **variant})
+    out = str(tmp_path / "head")
+    report = train_selfdistilled(model, str(d / "data"), out, cfg, features_dir=str(d / "features"), progress=False)
+    hist = report["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert report["data"]["train_jobs"] == 24 and report["data"]["heldout_jobs"] == 4
+    assert 0 < report["draft_vocab_coverage_heldout"] <= 1 and report["draft_vocab"] == 300
+    acc = report["heldout"]
+    assert acc["positions"] > 0 and acc["chain"][0] is not None
+    head = load_draft(out, model)
+    assert isinstance(head, Eagle3DraftHead) and len(head.extra_layers) == cfg.layers - 1
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == cfg.layers
+    # the saved head (raw features) measures what the trained one did (standardised features)
+    data = SelfDistillData(str(d / "data"), str(d / "features"))
+    data.store(model)
+    held = [data.load(r) for r in data.refs("heldout")]
+    again = heldout_acceptance(head, held, torch.ones(held[0]["aux"].shape[1]))
+    assert again["chain"] == pytest.approx(acc["chain"], abs=0.02)
+    from c2t_fast.decoding.engine import SpeculativeGenerator
+    from c2t_fast.decoding.strategies import Chain
+
+    prompt = held[0]["ids"][:30]
+    with torch.no_grad():
+        want = model.generate(prompt[None], do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                              pad_token_id=0)[0, 30:].tolist()
+    assert SpeculativeGenerator(model, head, Chain(3), eos_token_id=[]).generate(prompt, 10).tokens == want
+
+
+def test_soft_and_hard_losses_agree_on_a_one_hot_teacher(dataset):
+    from c2t_fast.training.eagle3_head import new_eagle3_head
+    from c2t_fast.training.selfdistill_train import ttt_losses
+
+    model, d = dataset
+    data = SelfDistillData(str(d / "data"), str(d / "features"))
+    data.store(model)
+    seq = data.load(data.refs("train")[0])
+    head = new_eagle3_head(model, torch.arange(0, 49152, 7), data.feature_layers)
+    one_hot = {**seq, "top_logp": torch.where(torch.arange(16) == 0, 0.0, -float("inf")).expand_as(seq["top_logp"])}
+    scale = torch.ones(seq["aux"].shape[1])
+    soft = ttt_losses(head, one_hot, scale, SelfDistillTrainConfig(loss="soft"))
+    hard = ttt_losses(head, seq, scale, SelfDistillTrainConfig(loss="hard"))
+    assert soft[1] == pytest.approx(hard[1], rel=1e-5) and soft[3] == hard[3]
+    real = ttt_losses(head, seq, scale, SelfDistillTrainConfig(loss="soft"))
+    assert real[3][0] >= hard[3][0]  # soft labels reach rows whose argmax is outside the draft vocabulary
+
+
+def test_missing_features_are_recomputed_from_the_ids(dataset, tmp_path):
+    model, d = dataset
+    data = SelfDistillData(str(d / "data"), str(tmp_path / "elsewhere"))  # another machine: no features
+    refs = data.refs("train", reply_tokens=40)
+    data.ensure_features(model, refs, progress=False)
+    store = data.store(model)
+    assert store.covered(0)["jobs"] == 8 and store.covered(1)["jobs"] == 0  # only the shards the refs reach
+    orig = SelfDistillData(str(d / "data"), str(d / "features"))
+    orig.store(model)
+    for ref in refs:
+        a, b = data.load(ref), orig.load(ref)
+        torch.testing.assert_close(a["aux"].float(), b["aux"].float(), rtol=1e-2, atol=1e-2)
+        assert (a["top_ids"][:, 0] == b["top_ids"][:, 0]).float().mean() > 0.95
+
+
+def test_config_validation_and_a_data_set_without_training_jobs(tmp_path, dataset):
+    model, d = dataset
+    for bad in ({"loss": "kl"}, {"layers": 3}, {"draft_vocab": 0}, {"reply_tokens": 0}):
+        with pytest.raises(ValueError):
+            SelfDistillTrainConfig(**bad).validate()
+    tok = load_smollm2()[1]
+    gcfg = GeneratorConfig(slots=2, capacity=128, max_new_tokens=4, magpie_prompts=0, linear="torch")
+    generate_data(model, tok, str(tmp_path / "data"), gcfg, jobs=[Job("sharegpt", 1, ("red blue",), "heldout")],
+                  features_dir=str(tmp_path / "f"), progress=False)
+    with pytest.raises(ValueError, match="no training jobs"):
+        train_selfdistilled(model, str(tmp_path / "data"), str(tmp_path / "head"), CFG, features_dir=str(tmp_path / "f"),
+                            progress=False)
