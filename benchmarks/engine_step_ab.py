@@ -33,7 +33,7 @@ ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_
                                return_dict=True)["input_ids"][0] for p in prompts]
 out = {"side": side, "file": c2t_fast.__file__}
 for name, strat in (("chain", Chain(4)), ("c2t", C2T(load_classifier(None)))):
-    gen = SpeculativeGenerator(target, draft, strat, eos_token_id=[])
+    gen = SpeculativeGenerator(target, draft, strat, eos_token_id=[], budget=None, ngram=None)
     gen.generate(ids[0], max_new_tokens=8)  # warm-up
     per_step = []
     for _ in range(2):

@@ -15,6 +15,7 @@ from .decoding.front_door import generate
 from .decoding.loading import load_classifier, load_draft
 from .decoding.metrics import Metrics
 from .decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static, Strategy, strategy_from_name
+from .hf.adapter import logits_processors
 from .hf.attention import compact_dynamic_cache, patch, unpatch
 from .hf.loading import load_target
 from .kernels import ops, reference
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "C2T", "C2TClassifier", "Chain", "ChainC2T", "ClassifierConfig", "DraftLM", "DraftProtocol", "Eagle2",
     "EagleDraftHead", "Generation", "generate", "Metrics", "SpeculativeGenerator", "Static", "Strategy", "Tree", "TreeBuffers",
-    "Verdict", "build_tree", "compact_dynamic_cache", "compact_kv", "load_classifier", "load_draft", "load_target",
+    "Verdict", "build_tree", "compact_dynamic_cache", "compact_kv", "load_classifier", "load_draft", "load_target", "logits_processors",
     "ops", "patch", "prune_tree", "reference", "rerank_tree", "strategy_from_name", "tree_attention", "unpatch",
     "verify_greedy", "verify_sample",
 ]

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding.engine import SpeculativeGenerator
-from .decoding.loading import load_classifier, load_draft
-from .decoding.ngram import NgramLookup
-from .decoding.strategies import CLASSIFIER_STRATEGIES, STRATEGIES, Strategy, strategy_from_name, strategy_parameters
+from .decoding import defaults
+from .decoding.defaults import make_strategy  # noqa: F401  (c2t_fast.bench.make_strategy, as before)
+from .decoding.loading import load_draft
+from .decoding.strategies import STRATEGIES, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
 from .hf.fast_linear import stock_linear
 from .hf.loading import load_target
@@ -49,8 +50,8 @@ class BenchConfig:
     temperature: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto": the GPU when there is one
-    ngram: tuple = (0,)  # n-gram branch lengths to run each strategy with (0: none)
-    budget: tuple = ("none",)  # tree sizing to run each strategy with: "none" (as grown), "auto" (by cost)
+    ngram: tuple = (defaults.NGRAM_TOKENS,)  # n-gram branch lengths to run each strategy with (0: none)
+    budget: tuple = (defaults.BUDGET,)  # tree sizing to run each strategy with: "none" (as grown), "auto" (by cost)
     stock_linear: bool = False  # the target with torch's linear layers everywhere (no skinny kernel)
 
 
@@ -103,15 +104,6 @@ def parse_sweeps(values: list[str] | None) -> list[dict]:
     return out
 
 
-def make_strategy(name: str, classifier_path: str | None = None, params: dict | None = None) -> Strategy:
-    """Strategy ``name`` with those of ``params`` it takes (None values ignored); the classifier
-    strategies load ``classifier_path`` (None: the shipped classifier)."""
-    own = strategy_parameters(name)
-    chosen = {k: v for k, v in (params or {}).items() if k in own and v is not None}
-    clf = load_classifier(classifier_path) if name in CLASSIFIER_STRATEGIES else None
-    return strategy_from_name(name, classifier=clf, **chosen)
-
-
 def _runs(names, sweeps, ngram=(0,), budget=("none",)) -> list[tuple[str, dict]]:
     """(strategy, setting) pairs: each strategy at each distinct setting it takes, each with and without
     n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch) and with each ``budget``
@@ -155,9 +147,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         for name, setting in tqdm(runs, desc="settings", disable=not progress):
             if name not in BASELINES:
                 strategy = make_strategy(name, cfg.classifier, {**cfg.params, **setting})
-                ngram = NgramLookup(num_tokens=setting["ngram"]) if setting.get("ngram") else None
-                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram,
-                                           budget=setting.get("budget"))
+                gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop,
+                                           ngram=setting.get("ngram", 0), budget=setting.get("budget"))
             tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0,
                    "plain_steps": 0}
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,
@@ -180,6 +171,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                         tot[key] += value
                 f.write(json.dumps(rec) + "\n")
             rows.append(_row(name, setting, tot))
+            # the row a user gets with no flags: the main job's strategy and settings, shipped draft and classifier
+            rows[-1]["default"] = (defaults.is_default_setting(name, setting) and cfg.draft is None
+                                   and all(v is None for v in cfg.params.values())
+                                   and cfg.classifier is None and not cfg.stock_linear)
     ar = next((r["tokens_per_s"] for r in rows if r["strategy"] == "ar"), None)
     for r in rows:
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar else None
@@ -231,7 +226,7 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| strategy | setting | tau | accept len | gamma/step | plain steps | tokens/s | vs AR | draft s | verify s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['setting'] or ''} | {fmt(r['tau'], '.3f')} | {fmt(r['accept_length'], '.3f')}"
+        lines.append(f"| {r['strategy']}{' (default)' if r.get('default') else ''} | {r['setting'] or ''} | {fmt(r['tau'], '.3f')} | {fmt(r['accept_length'], '.3f')}"
                      f" | {fmt(r['gamma_per_step'], '.1f')} | {fmt(r.get('plain_share'), '.0%')} | {r['tokens_per_s']:.2f}"
                      f" | {fmt(r['speedup_vs_ar'], '.2f')}"
                      f" | {r['draft_time_s']:.1f} | {r['verify_time_s']:.1f} |")

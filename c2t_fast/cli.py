@@ -44,24 +44,29 @@ def _defaults(param: str) -> str:
 
 
 def _add_ngram_flag(p, many: bool):
+    from .decoding import defaults
+
     if many:
-        p.add_argument("--ngram", default="0", help="comma-separated n-gram branch lengths to run each strategy "
-                                                    "with (prompt lookup in the prompt and the reply; 0: none), "
-                                                    "e.g. 0,10 for the ablation")
+        p.add_argument("--ngram", default=str(defaults.NGRAM_TOKENS),
+                       help="comma-separated n-gram branch lengths to run each strategy with (prompt lookup in the "
+                            "prompt and the reply; 0: none), e.g. 0,10 for the ablation (default: %(default)s, "
+                            "as generate)")
     else:
-        p.add_argument("--ngram", type=int, default=10,
+        p.add_argument("--ngram", type=int, default=defaults.NGRAM_TOKENS,
                        help="graft n-gram lookup continuations (prompt and reply) of up to this many tokens onto "
-                            "each tree, sized by the cost rule like every other node (default 10; 0: none)")
+                            "each tree, sized by the cost rule like every other node (default %(default)s; 0: none)")
 
 
 def _add_budget_flag(p, many: bool):
+    from .decoding import defaults
+
     if many:
-        p.add_argument("--budget", default="none", help="comma-separated tree sizing to run each strategy with: "
-                                                         "none (the tree as grown) or auto (cut by this machine's "
-                                                         "measured verification cost, plain steps when no tree "
-                                                         "pays), e.g. none,auto for the ablation")
+        p.add_argument("--budget", default=defaults.BUDGET,
+                       help="comma-separated tree sizing to run each strategy with: none (the tree as grown) or auto "
+                            "(cut by this machine's measured verification cost, plain steps when no tree pays), "
+                            "e.g. none,auto for the ablation (default: %(default)s, as generate)")
     else:
-        p.add_argument("--budget", choices=("none", "auto"), default="auto",
+        p.add_argument("--budget", choices=("none", "auto"), default=defaults.BUDGET,
                        help="auto (default): size each tree by this machine's measured verification cost "
                             "(measured once, cached) and run plain steps when no tree pays; none: verify each "
                             "tree as the strategy grows it")
@@ -97,11 +102,10 @@ def _strategy_params(args) -> dict:
 def _generate(args) -> int:
     import time
 
-    from .bench import make_strategy
+    from .decoding.defaults import make_strategy
     from .decoding.engine import SpeculativeGenerator
     from .decoding.loading import load_draft
     from .decoding.metrics import Metrics
-    from .decoding.ngram import NgramLookup
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from .hf.fast_linear import fast_linear_installed
     from .hf.loading import load_target
@@ -109,22 +113,29 @@ def _generate(args) -> int:
     target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
     ids = encode_chat(tok, args.prompt)
     stop = chat_stop_ids(tok)
+    extra = {f: getattr(args, f) for f in _PROCESSOR_FLAGS if getattr(args, f) is not None}
     if args.strategy == "ar":
         t = time.perf_counter()
         new = TargetAdapter(target).generate(ids, args.max_new_tokens, stop_ids=stop, temperature=args.temperature,
-                                             top_p=args.top_p, top_k=args.top_k)
+                                             top_p=args.top_p, top_k=args.top_k, **extra)
         dt = time.perf_counter() - t
         print(tok.decode(new, skip_special_tokens=True))
         print(json.dumps({"strategy": "ar", "new_tokens": new.numel(), "tokens_per_s": round(new.numel() / dt, 2)}))
         return 0
     draft = load_draft(args.draft, target, args.draft_full_vocab)
     strategy = make_strategy(args.strategy, args.classifier, _strategy_params(args))
-    ngram = NgramLookup(num_tokens=args.ngram) if args.ngram else None
-    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=ngram,
+    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=args.ngram,
                                budget=None if args.budget == "none" else args.budget)
     m, tokens = Metrics(), []
-    for chunk in gen.stream(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, metrics=m):
+    procs, sampling = None, dict(top_p=args.top_p, top_k=args.top_k)
+    if extra:  # transformers' own processors, in generate()'s order, applied per tree node
+        from .hf.adapter import logits_processors
+
+        procs = logits_processors(target, ids.numel(), eos=stop, temperature=args.temperature, top_k=args.top_k or None,
+                                  top_p=args.top_p, **extra)
+        sampling = dict(top_p=1.0, top_k=0)
+    for chunk in gen.stream(ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed, metrics=m,
+                            logits_processor=procs, **sampling):
         tokens += chunk
         print(tok.decode(chunk, skip_special_tokens=True), end="", flush=True)
     print()
@@ -137,6 +148,14 @@ def _generate(args) -> int:
           + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else "")
           + (" (linear layers: skinny kernel)" if s["speedup"] and fast_linear_installed(target) else ""))
     return 0
+
+
+# transformers' generation settings applied as logits processors along the tree (decoding.processors)
+_PROCESSOR_FLAGS = {"repetition_penalty": (float, "penalise tokens already in the text (transformers' meaning)"),
+                    "no_repeat_ngram_size": (int, "never repeat an n-gram of this size"),
+                    "min_new_tokens": (int, "no end of turn before this many new tokens"),
+                    "min_p": (float, "sampling: drop tokens below min_p x the top token's probability"),
+                    "typical_p": (float, "sampling: locally typical sampling mass")}
 
 
 def _int_list(flag: str, text: str) -> tuple:
@@ -298,6 +317,7 @@ _GENERATOR_FLAGS = ("slots", "capacity", "max_new_tokens", "max_turn_tokens", "s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .decoding import defaults
     from .decoding.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(prog="c2t-fast", description="Lossless speculative decoding with classifier-pruned "
@@ -325,10 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold), or recall at beta 0.5, then the fewest kept nodes (the paper's rule)")
     t.set_defaults(func=_train_classifier)
 
-    g = sub.add_parser("generate", help="generate with speculative decoding and print tau, gamma, speed")
+    g = sub.add_parser("generate", help="generate with speculative decoding and print tau, gamma, speed",
+                       description=f"Defaults (shared with bench, c2t_fast.generate and SpeculativeGenerator): "
+                                   f"{defaults.describe()}, the shipped draft head.")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--strategy", default="c2t", choices=[*STRATEGIES, "ar"],
-                   help="a tree strategy, or ar: the target's own generate() (plain decoding)")
+    g.add_argument("--strategy", default=defaults.STRATEGY, choices=[*STRATEGIES, "ar"],
+                   help="a tree strategy, or ar: the target's own generate() (plain decoding); default %(default)s")
     g.add_argument("--target", default="smollm2", help="'smollm2' (shipped) or a local HF model directory")
     g.add_argument("--draft", default=None, help="draft head dir, HF model dir, or 'self' (default: shipped head)")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -337,13 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sampling top-k of the target (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-baseline", action="store_true", help="skip timing plain decoding for the speed-up")
+    for f, (kind, what) in _PROCESSOR_FLAGS.items():
+        g.add_argument("--" + f.replace("_", "-"), type=kind, default=None, help=what + " (default: off)")
     _add_strategy_flags(g)
     _add_ngram_flag(g, many=False)
     _add_budget_flag(g, many=False)
     _add_device_flag(g)
     g.set_defaults(func=_generate)
 
-    b = sub.add_parser("bench", help="run strategies over an MT-bench style question file; tau-gamma table + plot")
+    b = sub.add_parser("bench", help="run strategies over an MT-bench style question file; tau-gamma table + plot",
+                       description=f"A strategy's row with no flags runs what `c2t-fast generate` runs ({defaults.describe()}, "
+                                   "the shipped draft head); the summary marks that row (default).")
     b.add_argument("--prompts", required=True, help="question.jsonl (first turn of each question)")
     b.add_argument("--strategies", default="c2t,eagle2",
                    help=f"comma-separated: {', '.join(STRATEGIES)}, and the baselines ar (plain decoding) and "

@@ -143,7 +143,7 @@ def test_the_draft_follows_the_text_through_plain_steps():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     rule = CostRule(flat(10.0, 0.0), probe_every=3, max_plain=3, draft_cost=0.0)  # a plain step "costs" 10 s
     rule.after_step(0.0)  # start with 3 plain steps
-    gen = SpeculativeGenerator(target, DraftLM(target), Chain(3), eos_token_id=[], budget=rule)
+    gen = SpeculativeGenerator(target, DraftLM(target), Chain(3), eos_token_id=[], budget=rule, ngram=None)
     rule.reset = lambda: None  # keep the forced plain steps for this run
     out = gen.generate(PROMPT, max_new_tokens=20)
     assert out.metrics.plain_steps == 3
@@ -154,7 +154,7 @@ def test_budget_is_checked_and_auto_measures_before_anything_changes(tmp_path, m
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     draft = _draft("head", target)
     with pytest.raises(ValueError, match="budget"):
-        SpeculativeGenerator(target, draft, Chain(2), budget="fast")
+        SpeculativeGenerator(target, draft, Chain(2), budget="fast", ngram=None)
 
     def broken(model, **kw):
         raise RuntimeError("no timer")
@@ -163,10 +163,10 @@ def test_budget_is_checked_and_auto_measures_before_anything_changes(tmp_path, m
     monkeypatch.delenv("C2T_FAST_COST_DIR", raising=False)
     monkeypatch.setattr(cost, "measure_costs", broken)
     with pytest.raises(RuntimeError, match="no timer"):
-        SpeculativeGenerator(target, draft, Chain(2), budget="auto")
+        SpeculativeGenerator(target, draft, Chain(2), budget="auto", ngram=None)
     assert not is_patched(target)  # a failed construction leaves the target as it was
     monkeypatch.setattr(cost, "measure_costs", lambda m, **kw: flat())
-    gen = SpeculativeGenerator(target, draft, Chain(2), budget="auto")
+    gen = SpeculativeGenerator(target, draft, Chain(2), budget="auto", ngram=None)
     assert isinstance(gen.cost_rule, CostRule) and gen.cost_rule.profile == flat()
 
 

@@ -93,7 +93,7 @@ def test_generation_stays_lossless_when_the_target_leaves_the_draft_vocabulary(s
     emitted = sorted(set(ref))
     ids = torch.tensor(sorted(set(emitted[::2]) | set(range(0, V, 3))), dtype=torch.int64)
     assert not set(emitted) <= set(ids.tolist())
-    gen = SpeculativeGenerator(target, _head(target).restrict_vocab(ids), strategy, eos_token_id=[])
+    gen = SpeculativeGenerator(target, _head(target).restrict_vocab(ids), strategy, eos_token_id=[], budget=None, ngram=None)
     out = gen.generate(prompt, max_new_tokens=30)
     assert out.tokens == ref
 
@@ -176,7 +176,7 @@ def test_sampling_with_a_restricted_draft_is_the_targets_distribution():
     torch.manual_seed(0)
     head = EagleDraftHead(target.config).attach(target).eval().restrict_vocab(torch.tensor([0, 2, 4]))
     prompt = torch.tensor([1, 2, 3])
-    gen = SpeculativeGenerator(target, head, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[])
+    gen = SpeculativeGenerator(target, head, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[], budget=None, ngram=None)
     with torch.no_grad():  # the exact joint law of the first two tokens at temperature 0.8
         p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 0, 1.0)[0]
         second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 0,

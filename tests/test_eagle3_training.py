@@ -125,7 +125,7 @@ def test_train_resume_save_load_and_draft(tmp_path):
     with torch.no_grad():
         want = target.generate(prompt[None], do_sample=False, max_new_tokens=12, min_new_tokens=12,
                                pad_token_id=0)[0, 6:].tolist()
-    assert SpeculativeGenerator(target, head, Chain(3), eos_token_id=[]).generate(prompt, 12).tokens == want
+    assert SpeculativeGenerator(target, head, Chain(3), eos_token_id=[], budget=None, ngram=None).generate(prompt, 12).tokens == want
 
 
 def test_training_resumes_after_an_interruption(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_greedy_is_lossless(family, draft_kind, strategy):
         draft = DraftLM(tiny_causal_lm(family, 4, 2, seed=2))
     else:  # the target's twin as draft: long accepted runs
         draft = DraftLM(tiny_causal_lm(family, 6, 2, seed=1))
-    gen = SpeculativeGenerator(target, draft, _strategies()[strategy], eos_token_id=[])
+    gen = SpeculativeGenerator(target, draft, _strategies()[strategy], eos_token_id=[], budget=None, ngram=None)
     out = gen.generate(PROMPT, max_new_tokens=37)
     assert out.tokens == _reference(target, 37)
     if draft_kind == "self" and strategy in ("chain", "static"):
@@ -55,17 +55,17 @@ def test_eos_inside_a_tree_and_max_tokens_mid_tree():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     ref = _reference(target, 40)
     eos = ref[13]  # a token the target emits mid-sequence: generation must stop right there
-    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(5), eos_token_id=eos)
+    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(5), eos_token_id=eos, budget=None, ngram=None)
     out = gen.generate(PROMPT, max_new_tokens=40)
     assert out.tokens == _reference(target, 40, eos=eos) and out.tokens[-1] == eos
-    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(5), eos_token_id=[])
+    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(5), eos_token_id=[], budget=None, ngram=None)
     for n in (1, 2, 7, 11):
         assert gen.generate(PROMPT, max_new_tokens=n).tokens == ref[:n]
 
 
 def test_metrics_on_a_perfect_draft():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
-    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(3), eos_token_id=[])
+    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(3), eos_token_id=[], budget=None, ngram=None)
     m = gen.generate(PROMPT, max_new_tokens=33, baseline=True).metrics
     # 1 token from prefill, then 8 steps of 3 accepted + 1 bonus
     assert m.steps == 8 and m.accepted == [3] * 8 and m.tau == 3.0
@@ -80,7 +80,7 @@ def test_degenerate_settings():
     ref = _reference(target, 12)
 
     def run(strategy):
-        g = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), strategy, eos_token_id=[])
+        g = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), strategy, eos_token_id=[], budget=None, ngram=None)
         return g.generate(PROMPT, max_new_tokens=12)
 
     full = run(C2T(clf, beta=0.0, top_k=2, d_max=3, top_m=10, second_prune=False, max_nodes=1000))
@@ -119,7 +119,7 @@ def test_sampling_is_lossless_and_a_broken_rule_is_caught(monkeypatch):
     target = tiny_causal_lm("llama", 4, 2, seed=3, vocab=V)
     draft = DraftLM(tiny_causal_lm("llama", 4, 2, seed=4, vocab=V))
     prompt = torch.tensor([1, 2, 3])
-    gen = SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[])
+    gen = SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[], budget=None, ngram=None)
     with torch.no_grad():  # exact joint law of the first two tokens at temperature 0.8, top-k 4
         p1 = sampling_probs(target(prompt[None]).logits[0, -1], 0.8, 4, 1.0)[0]
         seconds = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1], 0.8, 4,
@@ -149,11 +149,11 @@ def test_sampling_is_lossless_and_a_broken_rule_is_caught(monkeypatch):
 def test_bad_inputs():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     with pytest.raises(ValueError, match="differs from the target's"):
-        SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2, vocab=50)), Chain(2))
+        SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2, vocab=50)), Chain(2), budget=None, ngram=None)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97))
     with pytest.raises(ValueError, match="supports the model families"):
-        SpeculativeGenerator(gpt2, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), Chain(2))
-    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), Chain(2))
+        SpeculativeGenerator(gpt2, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), Chain(2), budget=None, ngram=None)
+    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), Chain(2), budget=None, ngram=None)
     with pytest.raises(ValueError, match="exceeds the target's context"):  # 505 + 10 + a chain of 2 > 512
         gen.generate(torch.zeros(505, dtype=torch.int64), max_new_tokens=10)
     with pytest.raises(ValueError, match="batch size 2"):
@@ -177,7 +177,7 @@ def test_smollm2_greedy_is_lossless():
                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"][0]
         torch.manual_seed(0)
         gen = SpeculativeGenerator(model, EagleDraftHead(model.config).attach(model),
-                                   C2T(C2TClassifier(), beta=0.2, top_k=4, d_max=3, top_m=100), eos_token_id=[])
+                                   C2T(C2TClassifier(), beta=0.2, top_k=4, d_max=3, top_m=100), eos_token_id=[], budget=None, ngram=None)
         out = gen.generate(ids, max_new_tokens=20)
         assert out.tokens == _reference(model, 20, ids)
     finally:

@@ -32,7 +32,7 @@ def _pair(draft_kind, vocab_restricted=False):
 
 
 def _run(target, draft, strategy, **kw):
-    gen = SpeculativeGenerator(target, draft, strategy, eos_token_id=[])
+    gen = SpeculativeGenerator(target, draft, strategy, eos_token_id=[], budget=None, ngram=None)
     return gen.generate(PROMPT, max_new_tokens=14, **kw).tokens
 
 
@@ -75,4 +75,4 @@ def test_a_draft_on_another_device_is_refused_at_construction():
     to_simulated_cuda(target)
     with torch.no_grad(), SimulatedCuda():
         with pytest.raises(ValueError, match="move the draft"):
-            SpeculativeGenerator(target, draft, Chain(3))
+            SpeculativeGenerator(target, draft, Chain(3), budget=None, ngram=None)

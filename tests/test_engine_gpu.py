@@ -32,7 +32,7 @@ def test_engine_on_cuda_is_lossless(family, draft_kind, strategy):
     else:
         draft = DraftLM(tiny_causal_lm(family, 4 if draft_kind == "lm" else 6, 2, seed=2 if draft_kind == "lm" else 1)
                         .cuda())
-    gen = SpeculativeGenerator(target, draft, _strategy(strategy), eos_token_id=[])
+    gen = SpeculativeGenerator(target, draft, _strategy(strategy), eos_token_id=[], budget=None, ngram=None)
     out = gen.generate(PROMPT, max_new_tokens=40)
     ids = PROMPT.cuda()[None]
     want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
@@ -58,7 +58,7 @@ def test_published_heads_and_the_generate_front_door_on_cuda(tmp_path, kind):
     want = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
                            eos_token_id=None, pad_token_id=0)
     for name in ("chain", "eagle2", "c2t"):
-        gen = SpeculativeGenerator(target, head, _strategy(name), eos_token_id=[])
+        gen = SpeculativeGenerator(target, head, _strategy(name), eos_token_id=[], budget=None, ngram=None)
         assert gen.generate(PROMPT, max_new_tokens=30).tokens == want[0, PROMPT.numel():].tolist()
     # n-gram branches grafted onto the tree on the GPU (decoding/ngram.py builds them on the tree's device)
     gen = SpeculativeGenerator(target, head, _strategy("c2t"), eos_token_id=[], ngram=NgramLookup(num_tokens=4))

@@ -255,7 +255,7 @@ def test_the_engine_is_lossless_with_a_published_head(tmp_path, kind, family):
     torch.manual_seed(0)
     clf = C2TClassifier()  # the classifier's features are model-agnostic: any target/head pair
     for strategy in (Chain(3), Eagle2(top_k=3, depth=2, total_tokens=8), C2T(clf, beta=0.2, top_k=3, d_max=3)):
-        gen = SpeculativeGenerator(target, head, strategy, eos_token_id=[])
+        gen = SpeculativeGenerator(target, head, strategy, eos_token_id=[], budget=None, ngram=None)
         assert gen.generate(prompt, max_new_tokens=12).tokens == want
 
 

@@ -143,5 +143,12 @@ def test_ngram_with_a_recorder_or_a_wrong_type_is_refused(tmp_path):
     draft = EagleDraftHead(target.config).attach(target)
     with TreeRecorder(str(tmp_path / "t")) as rec, pytest.raises(ValueError, match="without n-gram"):
         SpeculativeGenerator(target, draft, Eagle2(), recorder=rec, ngram=NgramLookup())
-    with pytest.raises(TypeError, match="NgramLookup"):
-        SpeculativeGenerator(target, draft, Eagle2(), ngram=5)
+    for bad in ("five", -1, 2.5, True):
+        with pytest.raises(TypeError, match="NgramLookup"):
+            SpeculativeGenerator(target, draft, Eagle2(), ngram=bad)
+    # a token count is an NgramLookup of that many tokens, 0 none; with a recorder the default is none
+    assert SpeculativeGenerator(target, draft, Eagle2(), ngram=5, budget=None).ngram.num_tokens == 5
+    assert SpeculativeGenerator(target, draft, Eagle2(), ngram=0, budget=None).ngram is None
+    with TreeRecorder(str(tmp_path / "u")) as rec:
+        gen = SpeculativeGenerator(target, draft, Eagle2(), recorder=rec)
+        assert gen.ngram is None and gen.cost_rule is None

@@ -297,7 +297,7 @@ def test_failed_generator_construction_leaves_the_target_unpatched():
     other = tiny_causal_lm("llama", 6, 2, seed=1, vocab=120)
     for draft in (DraftLM(other), EagleDraftHead(other.config).attach(other)):
         with pytest.raises(ValueError, match="vocab_size"):
-            SpeculativeGenerator(target, draft, Chain(3))
+            SpeculativeGenerator(target, draft, Chain(3), budget=None, ngram=None)
         assert target.config._attn_implementation == impl and not c2t_fast.hf.attention.is_patched(target)
 
 
@@ -370,7 +370,7 @@ def test_verify_greedy_compares_fp64_logits_in_fp64():
 def _gen(target=None, strategy=None):
     target = target or tiny_causal_lm("llama", 6, 2, seed=1)
     return SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 4, 2, seed=2)), strategy or Chain(3),
-                                eos_token_id=[])
+                                eos_token_id=[], budget=None, ngram=None)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -393,9 +393,9 @@ def test_eagle_head_for_another_hidden_size_is_refused_at_construction():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     other = tiny_causal_lm("llama", 8, 2, seed=1)  # hidden 128 vs 96
     with pytest.raises(ValueError, match="hidden_size"):
-        SpeculativeGenerator(target, EagleDraftHead(other.config).attach(other), Chain(3))
+        SpeculativeGenerator(target, EagleDraftHead(other.config).attach(other), Chain(3), budget=None, ngram=None)
     with pytest.raises(ValueError, match="attach"):
-        SpeculativeGenerator(target, EagleDraftHead(target.config), Chain(3))
+        SpeculativeGenerator(target, EagleDraftHead(target.config), Chain(3), budget=None, ngram=None)
 
 
 def test_context_check_uses_the_strategys_real_tree_size():

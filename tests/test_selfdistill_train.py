@@ -76,7 +76,7 @@ def test_trains_saves_and_drafts_losslessly(dataset, tmp_path, variant):
     with torch.no_grad():
         want = model.generate(prompt[None], do_sample=False, max_new_tokens=10, min_new_tokens=10,
                               pad_token_id=0)[0, 30:].tolist()
-    assert SpeculativeGenerator(model, head, Chain(3), eos_token_id=[]).generate(prompt, 10).tokens == want
+    assert SpeculativeGenerator(model, head, Chain(3), eos_token_id=[], budget=None, ngram=None).generate(prompt, 10).tokens == want
 
 
 def test_soft_and_hard_losses_agree_on_a_one_hot_teacher(dataset):

@@ -58,7 +58,7 @@ def test_generation_with_the_shipped_artifacts_is_the_targets_greedy_output():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"][0]
     try:
         gen = SpeculativeGenerator(model, load_draft(None, model), C2T(C2TClassifier.from_pretrained()),
-                                   eos_token_id=[])
+                                   eos_token_id=[], budget=None, ngram=None)
         out = gen.generate(ids, max_new_tokens=24)
         ref = model.generate(ids[None], do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
         assert out.tokens == ref[0, ids.numel():].tolist()

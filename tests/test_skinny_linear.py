@@ -209,7 +209,7 @@ def test_engine_on_a_routed_target_is_lossless(strategy):
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     install_fast_linear(target)
     prompt = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(0))
-    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), strategy, eos_token_id=[])
+    gen = SpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), strategy, eos_token_id=[], budget=None, ngram=None)
     out = gen.generate(prompt, max_new_tokens=30)
     ref = target.generate(prompt[None], do_sample=False, max_new_tokens=30, eos_token_id=None, pad_token_id=0)
     assert out.tokens == ref[0, 12:].tolist()

@@ -16,13 +16,15 @@ from typing import Iterator
 
 import torch
 
-from ..hf.adapter import TargetAdapter, encode_chat, sampling_probs
+from ..hf.adapter import TargetAdapter, check_tree_processors, encode_chat, sampling_probs
 from ..hf.attention import check_supported, compact_dynamic_cache, is_patched, patch, unpatch
 from ..kernels import ops
+from . import defaults
 from .cost import CostRule, load_costs
 from .drafts import DraftProtocol
 from .metrics import Generation, Metrics
-from .ngram import NgramLookup, graft
+from .ngram import graft
+from .processors import TreeProcessor
 from .strategies import Strategy
 from .tree import TreeDrafter
 
@@ -33,32 +35,37 @@ def _check_int(name: str, value, lo: int) -> None:
 
 
 class SpeculativeGenerator:
-    """``SpeculativeGenerator(target, draft, strategy)``: the target's exact output, faster.
+    """``SpeculativeGenerator(target, draft)``: the target's exact output, faster; with no other argument it
+    runs the main job's settings (``decoding.defaults``: C2T with the shipped classifier, trees sized by
+    measured cost, n-gram branches).
 
     target: a Hugging Face causal LM of a supported family (patched here for tree verification).
     draft: any ``DraftProtocol``: ``EagleDraftHead`` (attached to the target) or ``DraftLM``.
-    strategy: one of ``decoding.strategies``. ``recorder``: an object with ``add_tree(P, H, d, label)``
-    (``training.tree_dataset.TreeRecorder``) that receives (P, H, d, accepted) for every drafted node
-    of every step's full tree (classifier training data). ``ngram``: an ``NgramLookup`` whose
-    continuations (prompt lookup in the prompt and the generated text) join each step's tree as extra
-    branches (``decoding.ngram``). ``budget``: None verifies each tree the strategy grows as it is;
-    ``"auto"`` sizes it by this machine's measured verification cost and falls back to plain decoding
-    steps when no tree pays (``decoding.cost``; the profile is measured once and cached); or a
-    ``CostRule``.
+    strategy: one of ``decoding.strategies`` (None: the default C2T). ``recorder``: an object with
+    ``add_tree(P, H, d, label)`` (``training.tree_dataset.TreeRecorder``) that receives (P, H, d, accepted)
+    for every drafted node of every step's full tree (classifier training data; recording leaves out the
+    default n-gram branches and cost rule). ``ngram``: an ``NgramLookup`` (or its token count; 0 / None:
+    none) whose continuations (prompt lookup in the prompt and the generated text) join each step's tree
+    as extra branches (``decoding.ngram``). ``budget``: None verifies each tree the strategy grows as it
+    is; ``"auto"`` (the default) sizes it by this machine's measured verification cost and falls back to
+    plain decoding steps when no tree pays (``decoding.cost``; the profile is measured once and cached);
+    or a ``CostRule``.
     """
 
-    def __init__(self, target, draft: DraftProtocol, strategy: Strategy, eos_token_id=None, stop_token_ids=(),
-                 recorder=None, ngram: NgramLookup | None = None, budget: str | CostRule | None = None):
+    def __init__(self, target, draft: DraftProtocol, strategy: Strategy | None = None, eos_token_id=None,
+                 stop_token_ids=(), recorder=None, ngram=defaults.DEFAULT, budget=defaults.DEFAULT):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
-        if ngram is not None and not isinstance(ngram, NgramLookup):
-            raise TypeError(f"ngram must be a c2t_fast.decoding.ngram.NgramLookup or None, got {type(ngram).__name__}")
+        ngram = defaults.resolve_ngram(ngram, recording=recorder is not None)
+        budget = defaults.resolve_budget(budget, recording=recorder is not None)
         if ngram is not None and recorder is not None:
             raise ValueError("record trees without n-gram branches: the classifier learns the draft's own nodes")
         if budget is not None and not isinstance(budget, CostRule) and budget != "auto":
             raise ValueError(f"budget must be None, 'auto' or a c2t_fast.decoding.cost.CostRule, got {budget!r}")
         if budget is not None and recorder is not None:
             raise ValueError("record trees without a budget: the classifier learns from the strategy's whole trees")
+        if strategy is None:
+            strategy = defaults.make_strategy()
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a c2t_fast.decoding.strategies.Strategy, got {type(strategy).__name__}")
         if not isinstance(draft, DraftProtocol):
@@ -96,12 +103,18 @@ class SpeculativeGenerator:
         return ids
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, tokenizer=None, metrics: Metrics | None = None
-               ) -> Iterator[list[int]]:
+               top_k: int = 0, seed: int | None = None, tokenizer=None, metrics: Metrics | None = None,
+               logits_processor=None) -> Iterator[list[int]]:
         """Yields the tokens each step emits (the first yield is the prefill's token).
 
         Sampling (``temperature > 0``) draws from a generator seeded with ``seed``: the same seed gives
-        the same output; ``seed=None`` draws fresh randomness on every call."""
+        the same output; ``seed=None`` draws fresh randomness on every call.
+
+        ``logits_processor``: transformers' processors (``c2t_fast.logits_processors(model, ...)`` builds
+        them from generation settings: repetition penalty, no-repeat n-grams, min_new_tokens, bad words,
+        min-p, typical-p, ...), applied to every tree node's scores with that node's own history
+        (``decoding.processors``). The list is then the whole sampling recipe: its temperature / top-k /
+        top-p warpers replace the arguments, and ``temperature > 0`` only says "sample"."""
         if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] != 1:
             raise ValueError(f"batch size {prompt.shape[0]} > 1 is not supported: one tree per step (use batch 1)")
         _check_int("max_new_tokens", max_new_tokens, 1)
@@ -113,6 +126,13 @@ class SpeculativeGenerator:
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         ids = self._encode(prompt, tokenizer)
+        proc = None
+        if logits_processor is not None:
+            check_tree_processors(logits_processor)
+            if top_k or top_p < 1.0:
+                raise ValueError("with logits_processor, give top_k / top_p through the processor list "
+                                 "(c2t_fast.logits_processors), not as arguments")
+            proc = TreeProcessor(logits_processor)
         D = max(self.strategy.max_tree_depth, self.ngram.num_tokens if self.ngram else 0)
         # the last step's root sits at position prompt + max_new_tokens - 2 and its tree reaches D deeper
         if self.max_positions and ids.numel() + max_new_tokens + D - 1 > self.max_positions:
@@ -132,11 +152,14 @@ class SpeculativeGenerator:
             cache = target.new_cache()
             features = getattr(self.draft, "feature_layers", None)  # EAGLE-3: fused target layers
             hidden, logits = target.forward(ids.to(device), cache, feature_layers=features)
+            context = ids.tolist()  # the processors' history: prompt and every emitted token
+            first = logits[-1] if proc is None else proc.one(context, logits[-1])[0]
             if sample:
-                root = int(torch.multinomial(sampling_probs(logits[-1], temperature, top_k, top_p)[0].cpu(), 1,
-                                             generator=gen))
+                probs0 = sampling_probs(first, temperature, top_k, top_p) if proc is None else torch.softmax(first, -1)[None]
+                root = int(torch.multinomial(probs0[0].cpu(), 1, generator=gen))
             else:
-                root = int(logits[-1].argmax())
+                root = int(first.argmax())
+            context.append(root)
             self.draft.prefill(ids.to(device), hidden)
             root_feature = hidden[-1]
             m.prefill_time = time.perf_counter() - t_start
@@ -184,8 +207,11 @@ class SpeculativeGenerator:
                 else:
                     b = ops.build_tree(tree.parents, prefix)
                     hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits, features)
+                if proc is not None:  # every node's scores processed with its own history
+                    logits = proc.one(context, logits) if plain else proc(context, tree.tokens, tree.parents.tolist(),
+                                                                           logits)
                 if sample:
-                    probs = sampling_probs(logits, temperature, top_k, top_p)
+                    probs = sampling_probs(logits, temperature, top_k, top_p) if proc is None else torch.softmax(logits, -1)
                     u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen).to(device)
                     verdict = ops.verify_sample(tree.tokens, tree.parents, probs, u)
                 else:
@@ -213,6 +239,7 @@ class SpeculativeGenerator:
                     if tok in self.stop or m.new_tokens + len(out) >= max_new_tokens:
                         break
                 m.new_tokens += len(out)
+                context += out
                 done = len(out) < len(emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
                 if lookup is not None:
                     lookup.extend(out)
@@ -266,12 +293,13 @@ class SpeculativeGenerator:
         self.recorder.add_tree(d.logp[1:].exp().cpu(), d.entropy[1:].cpu(), d.depth[1:].cpu() - 1, label[1:])
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, tokenizer=None, baseline: bool = False) -> Generation:
-        """Generate up to ``max_new_tokens``; with ``baseline`` also time the target's own greedy
-        ``generate`` on the same prompt in this process for the speed-up."""
+                 top_k: int = 0, seed: int | None = None, tokenizer=None, baseline: bool = False,
+                 logits_processor=None) -> Generation:
+        """Generate up to ``max_new_tokens`` (arguments as ``stream``); with ``baseline`` also time the
+        target's own greedy ``generate`` on the same prompt in this process for the speed-up."""
         m = Metrics()
-        tokens = [t for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, tokenizer, m)
-                  for t in chunk]
+        tokens = [t for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, tokenizer, m,
+                                             logits_processor) for t in chunk]
         if baseline:
             m.baseline_time = self.time_autoregressive(prompt, len(tokens), tokenizer)
         return Generation(tokens, m)

@@ -1,5 +1,6 @@
-"""``model.generate(..., custom_generate=c2t_fast.generate, draft=..., strategy=...)``: transformers
-prepares the inputs and the generation config, then hands the decoding loop to the engine.
+"""``model.generate(..., custom_generate=c2t_fast.generate[, draft=..., strategy=...])``: transformers
+prepares the inputs and the generation config, then hands the decoding loop to the engine, which runs
+the main job's settings (``decoding.defaults``) unless told otherwise.
 
 transformers 5.x forwards a callable ``custom_generate`` only the arguments its own sampling loop does
 not take, and ``streamer`` is one it takes (so it never arrives): pass a streamer as ``text_streamer=``
@@ -11,25 +12,31 @@ from __future__ import annotations
 import torch
 
 from ..hf.adapter import generation_settings
+from ..hf.shipped import is_shipped_target
+from . import defaults
 from .engine import SpeculativeGenerator
+from .loading import load_draft
 
 
 def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,
              draft=None, strategy=None, text_streamer=None, seed: int | None = None, streamer=None,
-             budget=None, **model_kwargs) -> torch.Tensor:
+             budget=defaults.DEFAULT, ngram=defaults.DEFAULT, **model_kwargs) -> torch.Tensor:
     """The target's own output for ``input_ids int64 [1, n]``, decoded with token trees: greedy output
     equals ``generate(do_sample=False)`` token for token; sampling follows the target's distribution
     under the call's temperature / top-k / top-p. Returns ``[1, n + new]`` like ``generate``.
 
-    ``draft``: a ``DraftProtocol`` (``c2t_fast.load_draft``); ``strategy``: a ``Strategy``; ``seed``: the
-    sampling seed (default: drawn from torch's global generator, so ``torch.manual_seed`` repeats a run);
-    ``budget``: ``"auto"`` sizes each tree by this machine's measured verification cost (see
-    ``SpeculativeGenerator``).
-    Refused with an error: batch > 1, padding, beams, several sequences, other logits processors or
-    stopping criteria."""
-    if draft is None or strategy is None:
-        raise ValueError("c2t_fast.generate needs draft=... (c2t_fast.load_draft) and strategy=... "
-                         "(e.g. c2t_fast.C2T(c2t_fast.load_classifier(None)))")
+    ``draft``: a ``DraftProtocol`` (``c2t_fast.load_draft``; for the shipped SmolLM2 the shipped head by
+    default); ``strategy``, ``budget``, ``ngram``: as ``SpeculativeGenerator`` takes them, by default the
+    main job's (``decoding.defaults``); ``seed``: the sampling seed (default: drawn from torch's global
+    generator, so ``torch.manual_seed`` repeats a run).
+    The call's logits processors (repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids,
+    min_p, typical_p, ...) apply to every tree node with its own history, as ``generate()`` applies them.
+    Refused with an error: batch > 1, padding, beams, several sequences, processors that keep state or
+    need another model, stopping criteria other than length and EOS."""
+    if draft is None and not is_shipped_target(model):
+        raise ValueError("c2t_fast.generate needs draft=... for this target: a head or small causal LM loaded with "
+                         "c2t_fast.load_draft(path, model) (the shipped head is the default only for the shipped "
+                         "SmolLM2)")
     if generation_config is None:
         generation_config = model.generation_config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -46,13 +53,17 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
         return input_ids
     if s["temperature"] > 0 and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"], budget=budget)
+    if draft is None:
+        draft = load_draft(None, model)
+    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"], budget=budget, ngram=ngram)
     out = streamer if text_streamer is None else text_streamer
     if out is not None:
         out.put(input_ids.cpu())  # the prompt first, as generate() does (skip_prompt relies on it)
     tokens = []
-    for chunk in gen.stream(input_ids[0], s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                            top_k=s["top_k"], seed=seed):
+    procs = s["processors"]  # the call's whole list when it has more than temperature / top-k / top-p
+    for chunk in gen.stream(input_ids[0], s["max_new_tokens"], temperature=s["temperature"],
+                            top_p=1.0 if procs is not None else s["top_p"], top_k=0 if procs is not None else s["top_k"],
+                            seed=seed, logits_processor=procs):
         tokens += chunk
         if out is not None:
             out.put(torch.tensor(chunk, dtype=torch.int64))

@@ -223,12 +223,13 @@ class TargetAdapter:
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, *, exact_length: bool = False, stop_ids=None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 prompt_lookup_tokens: int = 0) -> torch.Tensor:
+                 prompt_lookup_tokens: int = 0, **settings) -> torch.Tensor:
         """New token ids ``[m]`` of the model's own ``generate()`` on ``ids int64 [n]`` (the baselines).
 
         ``exact_length``: exactly ``max_new_tokens`` tokens (for timing the same number of tokens as a
         speculative run); ``stop_ids``: ids that end the reply (None: the generation config's);
-        ``prompt_lookup_tokens > 0``: transformers' prompt-lookup assisted decoding."""
+        ``prompt_lookup_tokens > 0``: transformers' prompt-lookup assisted decoding; ``settings``: further
+        generation settings (repetition_penalty, ...)."""
         ids = ids.view(1, -1).to(self.device)
         kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=0,
                   attention_mask=torch.ones_like(ids))
@@ -240,6 +241,7 @@ class TargetAdapter:
             kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
         if prompt_lookup_tokens:
             kw["prompt_lookup_num_tokens"] = prompt_lookup_tokens
+        kw.update(settings)
         with torch.no_grad():
             out = self.model.generate(ids, **kw)
         return out[0, ids.shape[1]:]
@@ -289,15 +291,56 @@ class CausalLMRunner:
 
 # transformers adds these for the sampling settings the engine applies itself (sampling_probs)
 _SAMPLING_PROCESSORS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
+# processors whose output is a function of (input_ids, scores) alone (no state between calls, no second
+# model): safe to apply to every tree node with that node's own history (decoding.processors)
+TREE_SAFE_PROCESSORS = _SAMPLING_PROCESSORS | {
+    "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor",
+    "SequenceBiasLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+    "PrefixConstrainedLogitsProcessor", "ForcedEOSTokenLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
+    "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty", "SuppressTokensLogitsProcessor",
+    "SuppressTokensAtBeginLogitsProcessor", "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper",
+    "EtaLogitsWarper", "TopHLogitsWarper", "LogitNormalization"}
 # and these stopping criteria for max_new_tokens / eos, which the engine honours itself
 _LENGTH_CRITERIA = {"MaxLengthCriteria", "MaxNewTokensCriteria", "EosTokenCriteria", "MaxTimeCriteria"}
 
 
+def check_tree_processors(processors) -> None:
+    """NotImplementedError naming every processor that cannot be applied per tree node losslessly (one that
+    keeps state between calls, needs a second model or an encoder, or that this module does not know)."""
+    bad = sorted({type(p).__name__ for p in processors or ()} - TREE_SAFE_PROCESSORS)
+    if bad:
+        raise NotImplementedError(f"logits processors {bad} cannot be applied along a token tree losslessly (they keep "
+                                  "state between calls, need a second model, or are not known to be functions of the "
+                                  "sequence and the scores alone); supported: " + ", ".join(sorted(TREE_SAFE_PROCESSORS)))
+
+
+def logits_processors(model, prompt_len: int, eos=(), **settings):
+    """transformers' own ``LogitsProcessorList`` for generation settings (``temperature``, ``top_k``,
+    ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``bad_words_ids``,
+    ``min_p``, ``typical_p``, ... as ``GenerationConfig`` names them; sampling when ``temperature`` > 0),
+    in the order ``generate()`` applies them. ``prompt_len``: where new tokens start (min_new_tokens)."""
+    from transformers import GenerationConfig
+
+    temp = settings.pop("temperature", 0.0) or 0.0
+    fields = {k: v for k, v in settings.items() if v is not None}
+    gc = GenerationConfig(do_sample=temp > 0, temperature=temp if temp > 0 else None,
+                          eos_token_id=list(eos) or None, pad_token_id=(list(eos) or [0])[0], **fields)
+    if gc.top_k is None:
+        gc.top_k = 0
+    model._prepare_special_tokens(gc, kwargs_has_attention_mask=True, device=device_of(model), batch_size=1)
+    procs = model._get_logits_processor(generation_config=gc, input_ids_seq_length=prompt_len,
+                                        device=str(device_of(model)))
+    check_tree_processors(procs)
+    return procs
+
+
 def generation_settings(generation_config, logits_processor, stopping_criteria, prompt_len: int) -> dict:
     """What a ``generate()`` call asks of speculative decoding: ``max_new_tokens``, ``eos`` (list of ids),
-    ``temperature`` (0: greedy), ``top_k``, ``top_p``. Raises NotImplementedError naming whatever it asks
-    that lossless tree decoding here cannot do (beams, several sequences, other logits processors or
-    stopping criteria, a dict output)."""
+    ``temperature`` (0: greedy), ``top_k``, ``top_p``, and ``processors``: the call's processors when it
+    asks for any beyond temperature / top-k / top-p (the whole list, warpers included, in transformers'
+    order: the engine applies it per tree node), else None. Raises NotImplementedError naming whatever it
+    asks that lossless tree decoding here cannot do (beams, several sequences, stateful logits processors,
+    other stopping criteria, a dict output)."""
     gc = generation_config
     refused = []
     if getattr(gc, "num_beams", 1) not in (None, 1):
@@ -306,18 +349,18 @@ def generation_settings(generation_config, logits_processor, stopping_criteria, 
         refused.append(f"num_return_sequences={gc.num_return_sequences}")
     if getattr(gc, "return_dict_in_generate", False):
         refused.append("return_dict_in_generate=True")
-    others = sorted({type(p).__name__ for p in logits_processor or ()} - _SAMPLING_PROCESSORS)
-    if others:
-        refused.append(f"logits processors {others}")
     stops = sorted({type(c).__name__ for c in stopping_criteria or ()} - _LENGTH_CRITERIA)
     if stops:
         refused.append(f"stopping criteria {stops}")
     if refused:
         raise NotImplementedError("c2t_fast.generate does not support " + ", ".join(refused) + " (batch-1 lossless "
-                                  "tree decoding with temperature / top-k / top-p sampling or greedy)")
+                                  "tree decoding)")
+    check_tree_processors(logits_processor)
+    names = {type(p).__name__ for p in logits_processor or ()}
     sample = bool(getattr(gc, "do_sample", False))
     eos = gc.eos_token_id
     return {"max_new_tokens": int(gc.max_length) - prompt_len,
             "eos": [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos],
             "temperature": float(gc.temperature if gc.temperature is not None else 1.0) if sample else 0.0,
-            "top_k": int(gc.top_k or 0) if sample else 0, "top_p": float(gc.top_p or 1.0) if sample else 1.0}
+            "top_k": int(gc.top_k or 0) if sample else 0, "top_p": float(gc.top_p or 1.0) if sample else 1.0,
+            "processors": logits_processor if names - _SAMPLING_PROCESSORS else None}

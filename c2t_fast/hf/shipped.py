@@ -112,6 +112,19 @@ def _write_cache(model, tokenizer, d: str, dtype: torch.dtype) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_SHIPPED = "_c2t_fast_shipped"  # set on the shipped target: its shipped draft head is the default draft
+
+
+def is_shipped_target(model) -> bool:
+    """Whether ``model`` is the shipped SmolLM2 as ``load_smollm2`` (or ``load_target("smollm2")``) loaded it."""
+    return getattr(model, _SHIPPED, None) == SMOLLM2_GGUF
+
+
+def _tagged(model, tokenizer):
+    setattr(model, _SHIPPED, SMOLLM2_GGUF)
+    return model, tokenizer
+
+
 @functools.lru_cache(maxsize=2)
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of SmolLM2-135M-Instruct (cached per process). The tokenizer's EOS is ``<|im_end|>``.
@@ -124,7 +137,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     d = smollm2_cache_dir(dtype)
     if _converted(d, dtype):
         try:
-            return _load_dir(d, dtype)
+            return _tagged(*_load_dir(d, dtype))
         except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt below, never fatal
             logger.warning("c2t_fast: the converted SmolLM2 in %s does not load (%s); converting again", d, err)
     print(f"c2t_fast: converting SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, {dtype}) once into {d}; "
@@ -135,4 +148,4 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, RuntimeError) as err:
         logger.warning("c2t_fast: could not cache the converted SmolLM2 in %s (%s); it will be converted "
                        "again next time (set C2T_FAST_CACHE to a writable directory)", d, err)
-    return model, tokenizer
+    return _tagged(model, tokenizer)

@@ -1,0 +1,64 @@
+"""The main job's settings, defined once. ``c2t-fast generate``, ``c2t-fast bench`` (a strategy's row with no
+flags), ``c2t_fast.generate`` (transformers' ``custom_generate`` door) and ``SpeculativeGenerator`` all run
+these unless told otherwise:
+
+- the C2T strategy with the shipped classifier (its features, joint probability, entropy and depth, are
+  the draft's own, so it serves any head);
+- trees sized by this machine's measured verification cost, plain steps where no tree pays (``"auto"``);
+- n-gram lookup branches of ``NGRAM_TOKENS`` tokens (prompt and reply) grafted onto every tree;
+- for the shipped SmolLM2 target, the shipped draft head (another target needs ``c2t_fast.load_draft``).
+
+Why these: measured on this project's CPU against plain decoding and prompt lookup (BENCHMARKS.md, "the main
+job's speed"); each default is the setting that ran fastest there.
+"""
+
+from __future__ import annotations
+
+STRATEGY = "c2t"
+BUDGET = "auto"
+NGRAM_TOKENS = 10
+DEFAULT = "default"  # an argument left at this means "the main job's setting"
+
+
+def describe() -> str:
+    """One line naming the defaults (help texts, bench summaries)."""
+    return f"{STRATEGY} with the shipped classifier, budget {BUDGET}, n-gram branches of {NGRAM_TOKENS} tokens"
+
+
+def is_default_setting(strategy: str, setting: dict) -> bool:
+    """Whether a bench row (strategy name and its non-default settings) is what a user gets with no flags."""
+    return strategy == STRATEGY and setting == {"ngram": NGRAM_TOKENS, "budget": BUDGET}
+
+
+def make_strategy(name: str = STRATEGY, classifier_path: str | None = None, params: dict | None = None):
+    """Strategy ``name`` with those of ``params`` it takes (None values ignored); the classifier strategies
+    load ``classifier_path`` (None: the shipped classifier)."""
+    from .loading import load_classifier
+    from .strategies import CLASSIFIER_STRATEGIES, strategy_from_name, strategy_parameters
+
+    own = strategy_parameters(name)
+    chosen = {k: v for k, v in (params or {}).items() if k in own and v is not None}
+    clf = load_classifier(classifier_path) if name in CLASSIFIER_STRATEGIES else None
+    return strategy_from_name(name, classifier=clf, **chosen)
+
+
+def resolve_ngram(ngram, recording: bool = False):
+    """An ``NgramLookup`` or None from ``DEFAULT`` (None while recording classifier trees), None, a token
+    count (0: none) or an ``NgramLookup``."""
+    from .ngram import NgramLookup
+
+    if isinstance(ngram, str) and ngram == DEFAULT:
+        return None if recording else NgramLookup(num_tokens=NGRAM_TOKENS)
+    if ngram is None or isinstance(ngram, NgramLookup):
+        return ngram
+    if isinstance(ngram, int) and not isinstance(ngram, bool) and ngram >= 0:
+        return NgramLookup(num_tokens=ngram) if ngram else None
+    raise TypeError(f"ngram must be 'default', None, a token count >= 0 or a c2t_fast.decoding.ngram.NgramLookup, "
+                    f"got {ngram!r}")
+
+
+def resolve_budget(budget, recording: bool = False):
+    """``DEFAULT`` -> ``BUDGET`` (None while recording classifier trees); anything else as given."""
+    if isinstance(budget, str) and budget == DEFAULT:
+        return None if recording else BUDGET
+    return budget

@@ -1,0 +1,69 @@
+"""One set of defaults (``decoding.defaults``): ``c2t-fast generate``, ``c2t-fast bench`` (a strategy's row
+with no flags, labelled), ``c2t_fast.generate`` and ``SpeculativeGenerator`` run the same main job unless
+told otherwise, and the door's draft defaults to the shipped head only for the shipped target."""
+
+import json
+
+import pytest
+import torch
+
+import c2t_fast
+from c2t_fast.cli import build_parser, main
+from c2t_fast.decoding import defaults
+from c2t_fast.decoding.drafts import EagleDraftHead
+from c2t_fast.decoding.engine import SpeculativeGenerator
+from c2t_fast.decoding.strategies import C2T
+from support import load_smollm2, tiny_causal_lm
+
+
+def test_the_cli_flags_default_to_the_main_job():
+    g = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert (g.strategy, g.budget, g.ngram, g.draft, g.classifier) == (defaults.STRATEGY, defaults.BUDGET,
+                                                                     defaults.NGRAM_TOKENS, None, None)
+    b = build_parser().parse_args(["bench", "--prompts", "p", "--out", "o"])
+    assert (b.budget, b.ngram, b.draft, b.classifier) == (defaults.BUDGET, str(defaults.NGRAM_TOKENS), None, None)
+    assert defaults.STRATEGY in b.strategies.split(",")
+
+
+def test_the_engine_defaults_to_the_main_job():
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    gen = SpeculativeGenerator(target, EagleDraftHead(target.config).attach(target))
+    assert isinstance(gen.strategy, C2T) and gen.ngram.num_tokens == defaults.NGRAM_TOKENS and gen.cost_rule is not None
+    plain = SpeculativeGenerator(target, EagleDraftHead(target.config).attach(target), budget=None, ngram=None)
+    assert plain.ngram is None and plain.cost_rule is None  # told otherwise
+
+
+def test_the_door_needs_only_a_draft_for_a_foreign_target():
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    head = EagleDraftHead(target.config).attach(target).eval()
+    prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(1))
+    want = target.generate(prompt, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    got = target.generate(prompt, do_sample=False, max_new_tokens=10, pad_token_id=0,
+                          custom_generate=c2t_fast.generate, draft=head)  # the default strategy, budget, n-grams
+    assert got.tolist() == want.tolist()
+    with pytest.raises(ValueError, match="c2t_fast.load_draft"):
+        target.generate(prompt, max_new_tokens=4, pad_token_id=0, custom_generate=c2t_fast.generate)
+
+
+def test_the_door_on_the_shipped_target_takes_the_shipped_head():
+    model, tok = load_smollm2()
+    from c2t_fast.hf.shipped import is_shipped_target
+
+    assert is_shipped_target(model) and not is_shipped_target(tiny_causal_lm("llama"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    want = model.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=0)
+    got = model.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=0, custom_generate=c2t_fast.generate)
+    assert got.tolist() == want.tolist()
+
+
+def test_the_bench_labels_the_default_row(tmp_path, capsys):
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "turns": ["Say hi."]}) + "\n")
+    out = tmp_path / "b"
+    assert main(["bench", "--prompts", str(prompts), "--out", str(out), "--strategies", "c2t,ar", "--ngram", "0,10",
+                 "--max-new-tokens", "6"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    flagged = [(r["strategy"], r["setting"]) for r in rows if r.get("default")]
+    assert flagged == [("c2t", {"ngram": 10, "budget": "auto"})]
+    assert "c2t (default)" in capsys.readouterr().out
