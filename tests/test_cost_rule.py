@@ -179,6 +179,7 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
 
     class PlainFirst(CostRule):
         def reset(self):
+            super().reset()
             self.plain_left = 1  # the first step after the prefill is a plain step
 
     # one generator whose trees the rule cuts (0.04 s per verified token), one whose step is plain
@@ -196,3 +197,41 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
         cut += seed % 2 == 0 and out.metrics.draft_tokens[0] < 5  # fewer than the whole tree
     assert plain == N // 2 and cut > N // 10
     assert chisquare(counts, joint / joint.sum() * N).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("loss", [0.002, 0.03, 0.3])
+def test_probes_pay_from_their_own_account(loss):
+    """A draft that never pays: whatever each speculative step loses against a plain step, the losses stay
+    within loss_share of the time (and one step), so the run is >= 0.97x plain decoding."""
+    rule = CostRule(flat(0.1, 0.0), probe_every=1, max_plain=1, margin=1e-9)  # never goes plain by itself
+    rule.reset()
+    plain_s, spent, tokens = 0.1, 0.0, 0
+    for _ in range(3000):
+        plain = rule.take_plain_step()
+        step = plain_s if plain else plain_s + loss  # one token either way: speculation only costs
+        rule.settle(step, 1, plain)
+        spent += step
+        tokens += 1
+    assert rule.account >= -rule.loss_share * rule.elapsed - loss - 1e-9
+    assert (tokens * plain_s) / spent >= 1 - rule.loss_share - loss / spent  # >= 0.97x plain decoding, one step aside
+
+
+def test_a_paying_draft_is_never_held_back_by_the_account():
+    rule = CostRule(flat(0.1, 0.0), probe_every=1, max_plain=1, margin=1e-9)
+    rule.reset()
+    plain_steps = 0
+    for _ in range(200):
+        plain = rule.take_plain_step()
+        plain_steps += plain
+        rule.settle(0.12 if not plain else 0.1, 1 if plain else 3, plain)  # 3 tokens for 1.2x the time
+    assert plain_steps == 0 and rule.account > 0
+
+
+def test_the_account_is_machine_independent_with_a_fixed_draft_cost():
+    rule = CostRule(flat(0.1, 0.01), draft_cost=0.05)
+    rule.reset()
+    rule.settle(123.0, 2, False, verified=5)  # the measured time is ignored: 0.05 + verify(5) is charged
+    assert rule.elapsed == pytest.approx(0.05 + rule.profile.verify(5))
+    assert rule.account == pytest.approx(2 * rule.profile.verify(1) - rule.elapsed)
+    with pytest.raises(ValueError, match="loss_share"):
+        CostRule(flat(0.1, 0.01), loss_share=1.5)

@@ -61,7 +61,7 @@ def test_published_heads_and_the_generate_front_door_on_cuda(tmp_path, kind):
         gen = SpeculativeGenerator(target, head, _strategy(name), eos_token_id=[], budget=None, ngram=None)
         assert gen.generate(PROMPT, max_new_tokens=30).tokens == want[0, PROMPT.numel():].tolist()
     # n-gram branches grafted onto the tree on the GPU (decoding/ngram.py builds them on the tree's device)
-    gen = SpeculativeGenerator(target, head, _strategy("c2t"), eos_token_id=[], ngram=NgramLookup(num_tokens=4))
+    gen = SpeculativeGenerator(target, head, _strategy("c2t"), eos_token_id=[], ngram=NgramLookup(num_tokens=4), budget=None)
     assert gen.generate(PROMPT, max_new_tokens=30).tokens == want[0, PROMPT.numel():].tolist()
     plain = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0)
     got = target.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0, custom_generate=c2t_fast.generate,

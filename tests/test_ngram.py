@@ -112,7 +112,7 @@ def test_greedy_output_with_ngram_branches_is_the_targets(strategy, draft_kind):
     want = target.generate(PROMPT[None], do_sample=False, max_new_tokens=30, min_new_tokens=30,
                            pad_token_id=0)[0, PROMPT.numel():].tolist()
     gen = SpeculativeGenerator(target, draft, tiny_strategies(k=3, depth=2, total=10)[strategy], eos_token_id=[],
-                               ngram=NgramLookup(num_tokens=6, max_ngram=3))
+                               ngram=NgramLookup(num_tokens=6, max_ngram=3), budget=None)
     out = gen.generate(PROMPT, max_new_tokens=30)
     assert out.tokens == want
     assert out.metrics.ngram_nodes > 0  # the branches were there
@@ -125,7 +125,7 @@ def test_sampling_with_ngram_branches_is_the_targets_law():
     draft = DraftLM(tiny_causal_lm("llama", 4, 2, seed=4, vocab=V))
     prompt = torch.tensor([1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
     gen = SpeculativeGenerator(target, draft, Eagle2(top_k=1, depth=1, total_tokens=2), eos_token_id=[],
-                               ngram=NgramLookup(num_tokens=3, max_ngram=2))
+                               ngram=NgramLookup(num_tokens=3, max_ngram=2), budget=None)
     joint = two_token_law(target, prompt, 0.8)
     counts = np.zeros(V * V)
     grafted = 0
@@ -145,7 +145,7 @@ def test_ngram_with_a_recorder_or_a_wrong_type_is_refused(tmp_path):
         SpeculativeGenerator(target, draft, Eagle2(), recorder=rec, ngram=NgramLookup())
     for bad in ("five", -1, 2.5, True):
         with pytest.raises(TypeError, match="NgramLookup"):
-            SpeculativeGenerator(target, draft, Eagle2(), ngram=bad)
+            SpeculativeGenerator(target, draft, Eagle2(), ngram=bad, budget=None)
     # a token count is an NgramLookup of that many tokens, 0 none; with a recorder the default is none
     assert SpeculativeGenerator(target, draft, Eagle2(), ngram=5, budget=None).ngram.num_tokens == 5
     assert SpeculativeGenerator(target, draft, Eagle2(), ngram=0, budget=None).ngram is None

@@ -15,8 +15,10 @@ shallow nodes' scores, which verification keeps observing). n-gram nodes by thei
 The step verifies the m most probable nodes (closed under parents) for the m that maximises expected
 tokens per second, (1 + sum of their probabilities) / (draft time + t_verify(1 + m)), m = 0 included.
 When the best expected rate of a speculative step falls below a plain decoding step's (1 / t_verify(1)),
-the engine runs plain steps (no draft call) for a while, then probes again: so a draft that does not
-pay costs at most its probes.
+the engine runs plain steps (no draft call) for a while, then probes again. The probes are charged to
+their own account: every speculative step's gain or loss against a plain step's measured time is
+summed, and while the losses exceed ``loss_share`` (3%) of the time so far only plain steps run, so a
+draft that never pays costs at most that share (and one step).
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ class CostProfile:
 
 def measure_costs(target, lengths=LENGTHS, context: int = 128, repeats: int = 5) -> CostProfile:
     """Time the patched target's verification pass (tree bits, LM head and argmax included) over a
-    chain of T tokens after ``context`` tokens, median of ``repeats`` after a warm-up."""
+    chain of T tokens after ``context`` tokens; T = 1 as a plain decoding step runs (no tree bits). The
+    lengths are timed in interleaved rounds (every T once per round, ``repeats`` rounds after a warm-up
+    round), so a drifting machine shifts every T alike; the median per T."""
     from ..hf.adapter import TargetAdapter, crop_cache
     from ..hf.attention import patch
 
@@ -118,23 +122,26 @@ def measure_costs(target, lengths=LENGTHS, context: int = 128, repeats: int = 5)
     ids = torch.randint(0, V, (context,), generator=gen).to(dev)
     cache = adapter.new_cache()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    out = []
+    trees = {T: ops.build_tree(torch.arange(-1, T - 1, dtype=torch.int32, device=dev), context) for T in lengths}
+    toks = {T: torch.randint(0, V, (T,), generator=gen).to(dev) for T in lengths}
+    times = {T: [] for T in lengths}
     with torch.no_grad():
         adapter.forward(ids, cache)
-        for T in lengths:
-            b = ops.build_tree(torch.arange(-1, T - 1, dtype=torch.int32, device=dev), context)
-            toks = torch.randint(0, V, (T,), generator=gen).to(dev)
-            times = []
-            for r in range(repeats + 1):
+        for r in range(repeats + 1):
+            for T in lengths:
+                b = trees[T]
                 sync()
                 t0 = time.perf_counter()
-                _, logits = adapter.forward(toks, cache, b.position_ids, b.ancestor_bits)
+                if T == 1:  # what a plain step runs: the model's own causal path
+                    _, logits = adapter.forward(toks[T], cache)
+                else:
+                    _, logits = adapter.forward(toks[T], cache, b.position_ids, b.ancestor_bits)
                 logits.argmax(-1).cpu()
                 sync()
-                if r:  # the first run warms up
-                    times.append(time.perf_counter() - t0)
+                if r:  # the first round warms up
+                    times[T].append(time.perf_counter() - t0)
                 crop_cache(cache, context)
-            out.append(sorted(times)[len(times) // 2])
+    out = [sorted(times[T])[len(times[T]) // 2] for T in lengths]
     return CostProfile(list(lengths), out, context, _hardware(dev), time.strftime("%Y-%m-%d %H:%M:%S"),
                        profile_key(target, dev))
 
@@ -215,10 +222,15 @@ class CostRule:
     conditional: Calibrator = field(default_factory=Calibrator)  # P(node | parent accepted) from q(node | parent)
     ngram_hits: list = field(default_factory=list)  # per depth: [accepted, seen]
     draft_cost: float | None = None
+    # speculative steps may lose at most this share of the generation's time against plain steps: their
+    # own account (what each gained or lost against a plain step's measured time) pays for the probes
+    loss_share: float = 0.03
 
     def __post_init__(self):
         if self.probe_every < 1 or self.max_plain < self.probe_every or self.margin <= 0:
             raise ValueError("CostRule needs probe_every >= 1, max_plain >= probe_every and margin > 0")
+        if not 0 <= self.loss_share < 1:
+            raise ValueError(f"CostRule needs loss_share in [0, 1), got {self.loss_share!r}")
         if self.draft_cost is not None and not self.draft_cost >= 0:
             raise ValueError(f"CostRule needs draft_cost >= 0 or None, got {self.draft_cost!r}")
         self.reset()
@@ -227,6 +239,26 @@ class CostRule:
         """Fresh per-generation state (the calibration is kept: it is the draft's, not the prompt's)."""
         self.plain_left = 0
         self.wait = self.probe_every
+        self.account = 0.0  # seconds speculative steps gained (+) or lost (-) against plain steps
+        self.elapsed = 0.0  # seconds of every step so far
+        self.plain_s = None  # a plain step's measured time (running mean), None before the first
+
+    def settle(self, step_s: float, emitted: int, plain: bool, verified: int = 1) -> None:
+        """A step took ``step_s`` seconds, verified ``verified`` tree tokens and emitted ``emitted``: the
+        account and the plain step's measured time follow. With ``draft_cost`` set, the step is charged
+        what the profile says it costs instead (machine-independent, like the sizing)."""
+        if self.draft_cost is not None:
+            step_s = self.profile.verify(1) if plain else self.draft_cost + self.profile.verify(verified)
+        self.elapsed += step_s
+        if plain:
+            self.plain_s = step_s if self.plain_s is None else 0.8 * self.plain_s + 0.2 * step_s
+        else:
+            self.account += emitted * (self.plain_s if self.plain_s is not None else self.profile.verify(1)) - step_s
+
+    def in_debt(self) -> bool:
+        """Whether speculative steps have lost more than ``loss_share`` of the time so far (then only plain
+        steps run, until the time that has passed pays for the next probe)."""
+        return self.account < -self.loss_share * self.elapsed
 
     @property
     def plain_rate(self) -> float:
@@ -266,7 +298,7 @@ class CostRule:
         if self.plain_left > 0:
             self.plain_left -= 1
             return True
-        return False
+        return self.in_debt()
 
     def estimate(self, scores: torch.Tensor, path_scores: bool, parents: list, is_ngram: torch.Tensor,
                  depth: torch.Tensor) -> torch.Tensor:

@@ -240,6 +240,8 @@ class SpeculativeGenerator:
                         break
                 m.new_tokens += len(out)
                 context += out
+                if rule is not None:
+                    rule.settle(time.perf_counter() - t0, len(emitted), plain, tree.tokens.numel())
                 done = len(out) < len(emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
                 if lookup is not None:
                     lookup.extend(out)
