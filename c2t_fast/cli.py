@@ -309,6 +309,15 @@ def _train_head(args) -> int:
     return 0
 
 
+def _build_datastore(args) -> int:
+    from .training.datastore_build import build_datastore
+
+    meta = build_datastore(args.out, tuple(args.data or ()), tuple(args.distilled or ()), args.max_tokens)
+    print(f"wrote a datastore of {meta['tokens']} tokens ({meta['documents']} replies, {meta['bytes'] / 1e6:.1f} MB) "
+          f"to {args.out}")
+    return 0
+
+
 _HEAD_FLAGS = ("reply_tokens", "epochs", "lr", "accumulate", "steps", "draft_vocab", "loss", "layers", "seed",
                "save_every")
 
@@ -500,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
         h.add_argument("--" + f.replace("_", "-"), type=kind, default=v,
                        **({"choices": ("soft", "hard")} if f == "loss" else {"choices": (1, 2)} if f == "layers" else {}))
     h.set_defaults(func=_train_head)
+
+    ds = sub.add_parser("build-datastore", help="a datastore of the target's own replies (training-free draft "
+                                                 "branches: --datastore DIR in generate / bench)")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--data", action="append", help="a `c2t-fast generate-data` data set (repeatable)")
+    ds.add_argument("--distilled", action="append", help="a `c2t-fast distill-data` run (repeatable)")
+    ds.add_argument("--max-tokens", type=int, default=8_000_000, help="at most this many tokens (2 bytes each)")
+    ds.set_defaults(func=_build_datastore)
     return p
 
 

@@ -10,7 +10,8 @@ from scipy.stats import chisquare
 
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.ngram import NgramLookup, graft
+from c2t_fast.decoding.ngram import NgramLookup
+from c2t_fast.decoding.sources import NGRAM, Proposal, StepTree
 from c2t_fast.decoding.strategies import Eagle2
 from c2t_fast.kernels import ops
 from c2t_fast.training.tree_dataset import TreeRecorder
@@ -90,7 +91,8 @@ def test_graft_hangs_the_chain_from_the_root_and_keeps_siblings_distinct(seed):
         parents.append(p)
     tree = ops.Tree(torch.tensor(tokens), torch.tensor(parents, dtype=torch.int32), torch.randn(len(tokens)))
     chain = [rng.randrange(6) for _ in range(rng.randint(0, 5))]
-    new, added = graft(tree, chain)
+    st = StepTree.of(tree).graft(Proposal(NGRAM, chain, list(range(-1, len(chain) - 1)), [1.0] * len(chain)))
+    new, added = st.tree, st.added.get(NGRAM, 0)
     assert new.tokens[:len(tokens)].tolist() == tokens and new.parents[:len(tokens)].tolist() == parents
     paths = _paths(new)
     assert added == new.tokens.numel() - len(tokens) and len(set(paths)) == len(paths)  # siblings distinct

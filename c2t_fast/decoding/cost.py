@@ -221,6 +221,7 @@ class CostRule:
     path: Calibrator = field(default_factory=Calibrator)  # path-level scores (C2T's confidence)
     conditional: Calibrator = field(default_factory=Calibrator)  # P(node | parent accepted) from q(node | parent)
     ngram_hits: list = field(default_factory=list)  # per depth: [accepted, seen]
+    sources: list = field(default_factory=list)  # per training-free source kind: its own Calibrator
     draft_cost: float | None = None
     # speculative steps may lose at most this share of the generation's time against plain steps: their
     # own account (what each gained or lost against a plain step's measured time) pays for the probes
@@ -300,39 +301,52 @@ class CostRule:
             return True
         return self.in_debt()
 
-    def estimate(self, scores: torch.Tensor, path_scores: bool, parents: list, is_ngram: torch.Tensor,
-                 depth: torch.Tensor) -> torch.Tensor:
+    def estimate(self, scores: torch.Tensor, path_scores: bool, parents: list, source: torch.Tensor,
+                 source_score: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Acceptance probability of every node's path (``[n]``, root 1), never above its parent's.
-        ``scores``: path-level scores when ``path_scores`` (C2T), else each node's conditional draft
-        probability given its parent."""
+        ``scores``: the draft's path-level scores when ``path_scores`` (C2T), else each node's conditional
+        draft probability given its parent. ``source`` (``decoding.sources``: 0 the draft, 1 n-gram, 2
+        datastore, 3 recycling) and ``source_score`` (a training-free node's own estimate given its parent):
+        n-gram nodes by their per-depth rate, datastore and recycling nodes by their score, calibrated per
+        source, times the parent's."""
         draft_p = (self.path if path_scores else self.conditional)(scores).tolist()
         ngram_p = self.ngram_p(depth).tolist()
-        flags = is_ngram.tolist()
+        own_p = {k: self._source_calibrator(k)(source_score).tolist() for k in set(source.tolist()) - {0, 1}}
+        src = source.tolist()
         p = [1.0] * len(parents)
         for i in range(1, len(parents)):  # topological order
             up = p[parents[i]]
-            if flags[i]:
+            if src[i] == 1:
                 p[i] = min(ngram_p[i], up)
+            elif src[i] > 1:
+                p[i] = own_p[src[i]][i] * up
             elif path_scores:
                 p[i] = min(draft_p[i], up)
             else:
                 p[i] = draft_p[i] * up
         return torch.tensor(p)
 
-    def learn(self, scores: torch.Tensor, path_scores: bool, parents: list, is_ngram: torch.Tensor,
-              depth: torch.Tensor, accepted: torch.Tensor) -> None:
+    def _source_calibrator(self, kind: int) -> Calibrator:
+        while len(self.sources) <= kind:
+            self.sources.append(Calibrator())
+        return self.sources[kind]
+
+    def learn(self, scores: torch.Tensor, path_scores: bool, parents: list, source: torch.Tensor,
+              source_score: torch.Tensor, depth: torch.Tensor, accepted: torch.Tensor) -> None:
         """What verification decided for the verified tree's nodes (``[n]``, root included)."""
         acc = accepted.tolist()
         parent_ok = torch.tensor([False] + [acc[q] for q in parents[1:]])
-        draft = ~is_ngram
+        draft = source == 0
         draft[0] = False
         if path_scores:
             self.path.update(scores[draft], accepted[draft])
         else:  # a node's conditional chance is observed only where its parent was accepted
             seen = draft & parent_ok
             self.conditional.update(scores[seen], accepted[seen])
-        ng = is_ngram.clone()
-        ng[0] = False
+        for kind in set(source.tolist()) - {0, 1}:
+            seen = (source == kind) & parent_ok
+            self._source_calibrator(kind).update(source_score[seen], accepted[seen])
+        ng = source == 1
         for d, a in zip(depth[ng].tolist(), accepted[ng].tolist()):
             while len(self.ngram_hits) <= d:
                 self.ngram_hits.append([0.0, 0.0])

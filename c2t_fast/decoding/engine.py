@@ -23,7 +23,9 @@ from . import defaults
 from .cost import CostRule, load_costs
 from .drafts import DraftProtocol
 from .metrics import Generation, Metrics
-from .ngram import graft
+from .datastore import Datastore
+from .recycling import RecyclingTable
+from .sources import NGRAM, SOURCE_NAMES, DatastoreSource, NgramSource, RecyclingSource, StepTree
 from .processors import TreeProcessor
 from .strategies import Strategy
 from .tree import TreeDrafter
@@ -52,12 +54,32 @@ class SpeculativeGenerator:
     or a ``CostRule``.
     """
 
-    def __init__(self, target, draft: DraftProtocol, strategy: Strategy | None = None, eos_token_id=None,
-                 stop_token_ids=(), recorder=None, ngram=defaults.DEFAULT, budget=defaults.DEFAULT):
+    def __init__(self, target, draft: DraftProtocol | None, strategy: Strategy | None = None, eos_token_id=None,
+                 stop_token_ids=(), recorder=None, ngram=defaults.DEFAULT, budget=defaults.DEFAULT,
+                 datastore: Datastore | None = None, recycling: RecyclingTable | bool | None = None):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
         ngram = defaults.resolve_ngram(ngram, recording=recorder is not None)
         budget = defaults.resolve_budget(budget, recording=recorder is not None)
+        if datastore is not None and not isinstance(datastore, Datastore):
+            raise TypeError(f"datastore must be a c2t_fast.decoding.datastore.Datastore or None, got "
+                            f"{type(datastore).__name__}")
+        if recycling is True:
+            from ..hf.adapter import vocab_size
+
+            recycling = RecyclingTable(vocab_size(target))
+        if recycling not in (None, False) and not isinstance(recycling, RecyclingTable):
+            raise TypeError(f"recycling must be a RecyclingTable, True or None, got {type(recycling).__name__}")
+        sources = [s for s in (NgramSource(ngram) if ngram is not None else None,
+                               DatastoreSource(datastore) if datastore is not None else None,
+                               RecyclingSource(recycling) if recycling not in (None, False) else None) if s]
+        if (datastore is not None or recycling) and recorder is not None:
+            raise ValueError("record trees without training-free sources: the classifier learns the draft's own nodes")
+        if draft is None and not sources:
+            raise ValueError("draft=None drafts with the training-free sources alone: give ngram=, datastore= or "
+                             "recycling=")
+        if draft is None and recorder is not None:
+            raise ValueError("recording classifier trees needs a draft")
         if ngram is not None and recorder is not None:
             raise ValueError("record trees without n-gram branches: the classifier learns the draft's own nodes")
         if budget is not None and not isinstance(budget, CostRule) and budget != "auto":
@@ -68,13 +90,15 @@ class SpeculativeGenerator:
             strategy = defaults.make_strategy()
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a c2t_fast.decoding.strategies.Strategy, got {type(strategy).__name__}")
-        if not isinstance(draft, DraftProtocol):
+        if draft is not None and not isinstance(draft, DraftProtocol):
             missing = [m for m in ("check_target", "vocab_ids_on", "prefill", "root", "layer_logits", "commit", "extend")
                        if not callable(getattr(draft, m, None))]
             raise TypeError(f"draft must implement c2t_fast.decoding.drafts.DraftProtocol; {type(draft).__name__} "
                             f"lacks {', '.join(missing) or 'vocab_ids'}")
-        draft.check_target(target)
+        if draft is not None:
+            draft.check_target(target)
         self.target, self.draft, self.strategy, self.recorder, self.ngram = target, draft, strategy, recorder, ngram
+        self.sources = sources
         self.adapter = TargetAdapter(target)
         self.stop = set(self.adapter.eos_ids(eos_token_id)) | set(stop_token_ids)
         self.max_positions = self.adapter.max_positions
@@ -133,7 +157,7 @@ class SpeculativeGenerator:
                 raise ValueError("with logits_processor, give top_k / top_p through the processor list "
                                  "(c2t_fast.logits_processors), not as arguments")
             proc = TreeProcessor(logits_processor)
-        D = max(self.strategy.max_tree_depth, self.ngram.num_tokens if self.ngram else 0)
+        D = max([self.strategy.max_tree_depth if self.draft is not None else 0] + [s.depth for s in self.sources])
         # the last step's root sits at position prompt + max_new_tokens - 2 and its tree reaches D deeper
         if self.max_positions and ids.numel() + max_new_tokens + D - 1 > self.max_positions:
             raise ValueError(f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} + a tree of depth up "
@@ -160,11 +184,13 @@ class SpeculativeGenerator:
             else:
                 root = int(first.argmax())
             context.append(root)
-            self.draft.prefill(ids.to(device), hidden)
+            if self.draft is not None:
+                self.draft.prefill(ids.to(device), hidden)
             root_feature = hidden[-1]
             m.prefill_time = time.perf_counter() - t_start
             m.new_tokens = 1
-            lookup = self.ngram.index(ids.tolist() + [root]) if self.ngram else None
+            for src in self.sources:
+                src.start(ids.tolist() + [root])
             yield [root]
             if root in self.stop or max_new_tokens == 1:
                 m.total_time = time.perf_counter() - t_start
@@ -181,25 +207,31 @@ class SpeculativeGenerator:
             while True:
                 t0 = time.perf_counter()
                 plain = rule is not None and rule.take_plain_step()
+                root_only = ops.Tree(torch.tensor([root], dtype=torch.int64, device=device),
+                                     torch.tensor([-1], dtype=torch.int32, device=device), torch.zeros(1, device=device))
+                d, st = None, None
                 if plain:  # a plain decoding step: the root alone, no draft call
-                    tree = ops.Tree(torch.tensor([root], dtype=torch.int64, device=device),
-                                    torch.tensor([-1], dtype=torch.int32, device=device),
-                                    torch.zeros(1, device=device))
+                    tree = root_only
                     sized = None
                 else:
-                    if pending_tokens:
-                        self.draft.extend(torch.tensor(pending_tokens, dtype=torch.int64, device=device),
-                                          torch.stack(pending_features))
-                        pending_tokens, pending_features = [], []
-                    d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
-                    tree = self.strategy.build(d)
-                    grafted = 0
-                    if lookup is not None:
-                        tree, grafted = graft(tree, lookup.propose())
-                        m.ngram_nodes += grafted
-                    sized = self._size_tree(d, tree, grafted, time.perf_counter() - t0) if rule is not None else None
+                    if self.draft is not None:
+                        if pending_tokens:
+                            self.draft.extend(torch.tensor(pending_tokens, dtype=torch.int64, device=device),
+                                              torch.stack(pending_features))
+                            pending_tokens, pending_features = [], []
+                        d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
+                        st = StepTree.of(self.strategy.build(d))
+                    else:
+                        st = StepTree.of(root_only)
+                    for src in self.sources:
+                        st = st.graft(src.propose(root))
+                    for k, v in st.added.items():
+                        m.source_nodes[SOURCE_NAMES[k]] = m.source_nodes.get(SOURCE_NAMES[k], 0) + v
+                    m.ngram_nodes += st.added.get(NGRAM, 0)
+                    sized = self._size_tree(d, st, time.perf_counter() - t0) if rule is not None else None
                     if sized is not None:
-                        tree = sized[0]
+                        st = sized[0]
+                    tree = st.tree
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 if plain:  # one token appended causally: the model's own fast path, no tree bits
@@ -218,6 +250,11 @@ class SpeculativeGenerator:
                     verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.argmax(-1))
                 path = verdict.path
                 compact_dynamic_cache(cache, prefix, path)
+                for src in self.sources:
+                    src.observe(tree.tokens, logits)
+                if st is not None:
+                    for k in st.source[path[1:].cpu()].tolist():
+                        m.source_accepted[SOURCE_NAMES[k]] = m.source_accepted.get(SOURCE_NAMES[k], 0) + 1
                 t2 = time.perf_counter()
                 accepted = tree.tokens[path[1:]]
                 emitted = accepted.tolist() + [int(verdict.bonus)]
@@ -243,10 +280,12 @@ class SpeculativeGenerator:
                 if rule is not None:
                     rule.settle(time.perf_counter() - t0, len(emitted), plain, tree.tokens.numel())
                 done = len(out) < len(emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
-                if lookup is not None:
-                    lookup.extend(out)
+                for src in self.sources:
+                    src.extend(out)
                 if not done:
-                    if plain:  # the draft sees the root with its feature at the next speculative step
+                    if self.draft is None:
+                        pass
+                    elif plain:  # the draft sees the root with its feature at the next speculative step
                         pending_tokens.append(root)
                         pending_features.append(root_feature)
                     else:
@@ -257,35 +296,37 @@ class SpeculativeGenerator:
                 if done:
                     return
 
-    def _size_tree(self, d: TreeDrafter, tree: ops.Tree, grafted: int, draft_s: float):
-        """The cost rule's cut of this step's tree: (tree to verify, then for its nodes: raw scores, path
-        scores or not, parents, n-gram flags, depths; all on the CPU but the tree)."""
+    def _size_tree(self, d: TreeDrafter | None, st: StepTree, draft_s: float):
+        """The cost rule's cut of this step's tree: (the step tree to verify, then for its nodes what the
+        rule learns from: draft scores, path scores or not, parents, sources, source scores, depths)."""
         rule = self.cost_rule
+        tree = st.tree
         n = tree.tokens.numel()
         parents = tree.parents.tolist()
-        is_ngram = torch.zeros(n, dtype=torch.bool)
-        is_ngram[n - grafted:] = True
         dl = [0] * n
         for i in range(1, n):  # topological order: a parent comes before its children
             dl[i] = dl[parents[i]] + 1
         depth = torch.tensor(dl, dtype=torch.int64)
-        if d.has_conf:  # C2T: the classifier's path-level confidence
-            scores = torch.cat([d.scores().float().cpu(), torch.zeros(grafted)])
+        path_scores = d is not None and d.has_conf
+        n_head = d.scores().numel() if path_scores else 0
+        if path_scores:  # C2T: the classifier's path-level confidence (the draft's nodes come first)
+            scores = torch.cat([d.scores().float().cpu(), torch.zeros(n - n_head)])
         else:  # the draft's probability of each node given its parent
             logp = tree.logp.float().cpu()
             scores = (logp - logp[torch.tensor([max(q, 0) for q in parents])]).exp()
             scores[0] = 1.0
-        p = rule.estimate(scores, d.has_conf, parents, is_ngram, depth)
+        p = rule.estimate(scores, path_scores, parents, st.source, st.score, depth)
         keep, rate = rule.choose(p[1:], draft_s)
         rule.after_step(rate)
         if keep < n - 1:
             scored = ops.Tree(tree.tokens, tree.parents, p.clamp(min=1e-30).log().to(tree.logp.device))
             sub, sel = ops.rerank_tree(scored, keep + 1)
             sel = sel.cpu()
-            tree = ops.Tree(sub.tokens, sub.parents, tree.logp[sel.to(tree.logp.device)])
-            scores, is_ngram, depth = scores[sel], is_ngram[sel], depth[sel]
-            parents = tree.parents.tolist()
-        return tree, (scores, d.has_conf, parents, is_ngram, depth)
+            st = StepTree(ops.Tree(sub.tokens, sub.parents, tree.logp[sel.to(tree.logp.device)]), st.source[sel],
+                          st.score[sel], st.added)
+            scores, depth = scores[sel], depth[sel]
+            parents = st.tree.parents.tolist()
+        return st, (scores, path_scores, parents, st.source, st.score, depth)
 
     def _record(self, d: TreeDrafter, path: torch.Tensor) -> None:
         """(P, H, d, accepted) of every drafted node of this step's full tree (before any rerank)."""

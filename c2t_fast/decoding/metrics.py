@@ -14,6 +14,8 @@ class Metrics:
     draft_tokens: list = field(default_factory=list)
     new_tokens: int = 0
     ngram_nodes: int = 0  # tree nodes added by n-gram lookup (included in draft_tokens)
+    source_nodes: dict = field(default_factory=dict)  # tree nodes each training-free source added (by name)
+    source_accepted: dict = field(default_factory=dict)  # accepted nodes by source (the draft's as "head")
     plain_steps: int = 0  # steps the cost rule ran as plain decoding (no draft call)
     prefill_time: float = 0.0
     draft_time: float = 0.0
@@ -40,7 +42,8 @@ class Metrics:
     def summary(self) -> dict:
         return {"steps": self.steps, "tau": round(self.tau, 4), "gamma": self.gamma,
                 "gamma_per_step": round(self.gamma / max(1, self.steps), 2), "new_tokens": self.new_tokens,
-                "ngram_nodes": self.ngram_nodes, "plain_steps": self.plain_steps,
+                "ngram_nodes": self.ngram_nodes, "source_nodes": dict(self.source_nodes),
+                "source_accepted": dict(self.source_accepted), "plain_steps": self.plain_steps,
                 "draft_time_s": round(self.draft_time, 4), "verify_time_s": round(self.verify_time, 4),
                 "total_time_s": round(self.total_time, 4), "tokens_per_s": round(self.tokens_per_s, 2),
                 "baseline_time_s": None if self.baseline_time is None else round(self.baseline_time, 4),

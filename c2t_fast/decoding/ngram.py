@@ -1,20 +1,13 @@
 """Model-free tree branches: continuations found by n-gram lookup in the prompt and the text generated so
-far (what prompt lookup decoding does), grafted onto a step's draft tree at no draft cost.
-
-A branch is a chain of tokens from the root: where the draft tree already holds its first tokens the
-branch follows those nodes, and the rest hangs below as new nodes (never fed to the draft; the draft
-re-reads whatever is accepted at commit). Verification treats every node alike, and the acceptance
-rules never read where a candidate came from, so a grafted tree is exactly as lossless as any other
-(greedy: the target's own tokens; sampling: the target's distribution, siblings stay distinct).
+far (what prompt lookup decoding does), grafted onto a step's draft tree at no draft cost
+(``decoding.sources``: a branch follows the draft's nodes where they match and hangs new nodes below,
+never fed to the draft; the draft re-reads whatever is accepted at commit).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..kernels import ops
 
 
 @dataclass
@@ -74,29 +67,3 @@ class NgramIndex:
                     out.append(out[len(out) - period])
                 return out
         return []
-
-
-def graft(tree: ops.Tree, chain: list[int]) -> tuple[ops.Tree, int]:
-    """``tree`` with the token chain hung from its root: existing nodes are followed while they match,
-    the rest is appended (in topological order, after every existing node). Returns (tree, nodes added).
-    The new nodes carry their parent's joint log-probability (nothing reads it after drafting)."""
-    if not chain:
-        return tree, 0
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()  # one host read of a small tree
-    child = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
-    node, new_tokens, new_parents = 0, [], []
-    for t in chain:
-        nxt = child.get((node, t)) if not new_tokens else None
-        if nxt is None:
-            new_tokens.append(t)
-            new_parents.append(node)
-            nxt = len(tokens) + len(new_tokens) - 1
-        node = nxt
-    if not new_tokens:
-        return tree, 0
-    dev = tree.tokens.device
-    par = torch.tensor(new_parents, dtype=torch.int32, device=dev)
-    # the new nodes form one chain below the attach point; each carries the attach point's logp
-    logp = torch.cat([tree.logp, tree.logp[new_parents[0]].expand(len(new_tokens))])
-    return ops.Tree(torch.cat([tree.tokens, torch.tensor(new_tokens, dtype=tree.tokens.dtype, device=dev)]),
-                    torch.cat([tree.parents, par]), logp), len(new_tokens)
