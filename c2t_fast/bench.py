@@ -19,7 +19,7 @@ import torch
 from .decoding.engine import SpeculativeGenerator
 from .decoding import defaults
 from .decoding.defaults import make_strategy  # noqa: F401  (c2t_fast.bench.make_strategy, as before)
-from .decoding.loading import load_draft
+from .decoding.loading import load_draft, load_sources
 from .decoding.strategies import STRATEGIES, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
 from .hf.fast_linear import stock_linear
@@ -53,6 +53,8 @@ class BenchConfig:
     ngram: tuple = (defaults.NGRAM_TOKENS,)  # n-gram branch lengths to run each strategy with (0: none)
     budget: tuple = (defaults.BUDGET,)  # tree sizing to run each strategy with: "none" (as grown), "auto" (by cost)
     stock_linear: bool = False  # the target with torch's linear layers everywhere (no skinny kernel)
+    datastore: tuple = ("none",)  # datastores to run each strategy with: "none", "default" or a directory
+    recycling: tuple = (0,)  # Token Recycling's branches off (0) / on (1)
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple]:
@@ -104,10 +106,11 @@ def parse_sweeps(values: list[str] | None) -> list[dict]:
     return out
 
 
-def _runs(names, sweeps, ngram=(0,), budget=("none",)) -> list[tuple[str, dict]]:
+def _runs(names, sweeps, ngram=(0,), budget=("none",), datastore=("none",), recycling=(0,)) -> list[tuple[str, dict]]:
     """(strategy, setting) pairs: each strategy at each distinct setting it takes, each with and without
-    n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch) and with each ``budget``
-    (setting key "budget" for "auto"); baselines once."""
+    n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch), with each ``budget``
+    (setting key "budget" for "auto"), each ``datastore`` (key "datastore" unless "none") and each
+    ``recycling`` (key "recycling": 1); baselines once."""
     for b in budget:
         if b not in ("none", "auto"):
             raise ValueError(f"budget {b!r}: expected none or auto")
@@ -121,8 +124,9 @@ def _runs(names, sweeps, ngram=(0,), budget=("none",)) -> list[tuple[str, dict]]
             setting = {k: v for k, v in sweep.items() if k in own}
             if tuple(sorted(setting.items())) not in seen:
                 seen.add(tuple(sorted(setting.items())))
-                runs += [(name, {**setting, **({"ngram": n} if n else {}), **({"budget": b} if b != "none" else {})})
-                         for n in ngram for b in budget]
+                runs += [(name, {**setting, **({"ngram": n} if n else {}), **({"budget": b} if b != "none" else {}),
+                                 **({"datastore": ds} if ds != "none" else {}), **({"recycling": 1} if r else {})})
+                         for n in ngram for b in budget for ds in datastore for r in recycling]
     return runs
 
 
@@ -134,7 +138,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for name in cfg.strategies:
         if name not in STRATEGIES and name not in BASELINES:
             raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES) + list(BASELINES)}")
-    runs = _runs(cfg.strategies, cfg.sweeps, cfg.ngram, cfg.budget)
+    runs = _runs(cfg.strategies, cfg.sweeps, cfg.ngram, cfg.budget, cfg.datastore, cfg.recycling)
     target, tok = load_target(cfg.target, device=cfg.device, fast_linear=False if cfg.stock_linear else None)
     adapter = TargetAdapter(target)
     needs_draft = any(n not in BASELINES for n in cfg.strategies)
@@ -148,7 +152,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             if name not in BASELINES:
                 strategy = make_strategy(name, cfg.classifier, {**cfg.params, **setting})
                 gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop,
-                                           ngram=setting.get("ngram", 0), budget=setting.get("budget"))
+                                           ngram=setting.get("ngram", 0), budget=setting.get("budget"),
+                                           **load_sources(setting.get("datastore"), setting.get("recycling"), target))
             tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0,
                    "plain_steps": 0}
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,

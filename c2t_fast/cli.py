@@ -72,6 +72,20 @@ def _add_budget_flag(p, many: bool):
                             "tree as the strategy grows it")
 
 
+def _add_source_flags(p, many: bool):
+    if many:
+        p.add_argument("--datastore", default="none", help="comma-separated datastores to run each strategy with: "
+                                                          "none, default (the shipped one) or a directory, e.g. "
+                                                          "none,default for the ablation")
+        p.add_argument("--recycling", default="0", help="comma-separated 0/1: Token Recycling's branches off/on")
+    else:
+        p.add_argument("--datastore", default="none", help="graft the continuations found in a datastore of the "
+                                                          "target's own text: default (the shipped one), a directory "
+                                                          "(c2t-fast build-datastore), or none (default)")
+        p.add_argument("--recycling", action="store_true", help="graft Token Recycling's branches (the target's "
+                                                               "own top-k at every verified node)")
+
+
 def _add_device_flag(p):
     p.add_argument("--device", default="auto", help="where the target and draft run: auto (the GPU when there is "
                                                      "one), cpu, cuda, cuda:1, ...")
@@ -104,7 +118,7 @@ def _generate(args) -> int:
 
     from .decoding.defaults import make_strategy
     from .decoding.engine import SpeculativeGenerator
-    from .decoding.loading import load_draft
+    from .decoding.loading import load_draft, load_sources
     from .decoding.metrics import Metrics
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from .hf.fast_linear import fast_linear_installed
@@ -125,7 +139,8 @@ def _generate(args) -> int:
     draft = load_draft(args.draft, target, args.draft_full_vocab)
     strategy = make_strategy(args.strategy, args.classifier, _strategy_params(args))
     gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=args.ngram,
-                               budget=None if args.budget == "none" else args.budget)
+                               budget=None if args.budget == "none" else args.budget,
+                               **load_sources(args.datastore, args.recycling, target))
     m, tokens = Metrics(), []
     procs, sampling = None, dict(top_p=args.top_p, top_k=args.top_k)
     if extra:  # transformers' own processors, in generate()'s order, applied per tree node
@@ -176,7 +191,8 @@ def _bench(args) -> int:
                       draft=args.draft, draft_full_vocab=args.draft_full_vocab, classifier=args.classifier,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
                       seed=args.seed, device=args.device, ngram=_int_list("--ngram", args.ngram),
-                      budget=tuple(args.budget.split(",")), stock_linear=args.stock_linear)
+                      budget=tuple(args.budget.split(",")), stock_linear=args.stock_linear,
+                      datastore=tuple(args.datastore.split(",")), recycling=_int_list("--recycling", args.recycling))
     print(format_table(run_bench(cfg)["rows"]))
     return 0
 
@@ -361,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default=defaults.STRATEGY, choices=[*STRATEGIES, "ar"],
                    help="a tree strategy, or ar: the target's own generate() (plain decoding); default %(default)s")
     g.add_argument("--target", default="smollm2", help="'smollm2' (shipped) or a local HF model directory")
-    g.add_argument("--draft", default=None, help="draft head dir, HF model dir, or 'self' (default: shipped head)")
+    g.add_argument("--draft", default=None, help="draft head dir, HF model dir, 'self', or 'none' (the training-free "
+                                                 "sources alone; default: the shipped head)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -373,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_flags(g)
     _add_ngram_flag(g, many=False)
     _add_budget_flag(g, many=False)
+    _add_source_flags(g, many=False)
     _add_device_flag(g)
     g.set_defaults(func=_generate)
 
@@ -396,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_flags(b)
     _add_ngram_flag(b, many=True)
     _add_budget_flag(b, many=True)
+    _add_source_flags(b, many=True)
     _add_device_flag(b)
     b.set_defaults(func=_bench)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..hf.adapter import device_of
+from ..hf.adapter import device_of, vocab_size
 from ..hf.fast_linear import fast_linear_installed, install_fast_linear
 from ..hf.loading import load_causal_lm
 
@@ -14,7 +14,10 @@ DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 def load_draft(spec: str | None, target, full_vocab: bool = False):
     """A draft for ``target`` (see ``_load_draft``), on the target's device; when the target's linear
-    layers run through the skinny kernel (``hf.fast_linear``), the draft's do too."""
+    layers run through the skinny kernel (``hf.fast_linear``), the draft's do too. ``"none"``: no draft
+    (None: the training-free sources alone draft)."""
+    if spec == "none":
+        return None
     draft = _load_draft(spec, target, full_vocab).to(device_of(target))
     if fast_linear_installed(target):
         install_fast_linear(draft)
@@ -49,3 +52,13 @@ def load_classifier(spec: str | None):
     from .classifier import C2TClassifier
 
     return C2TClassifier.from_pretrained(spec)
+
+
+def load_sources(datastore: str | None, recycling: bool, target) -> dict:
+    """``SpeculativeGenerator``'s training-free source arguments from command-line style specifications:
+    ``datastore`` a directory, "default" (the shipped one) or None / "none"; ``recycling`` on or off."""
+    from .datastore import load_datastore
+    from .recycling import RecyclingTable
+
+    ds = None if datastore in (None, "none") else load_datastore(None if datastore == "default" else datastore)
+    return {"datastore": ds, "recycling": RecyclingTable(vocab_size(target)) if recycling else None}
