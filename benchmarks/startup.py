@@ -1,11 +1,9 @@
-"""Start-up of the main job: wall time from the `c2t-fast generate` command to its first generated token,
-with no usable cache (the GGUF file de-quantised on every run, as before the cache existed), on a first
-run (empty cache: converted and saved) and on later runs (the converted safetensors directory loaded).
+"""Command to first token, a later run (model converted, cost profile cached): `c2t-fast generate --prompt
+"Say hello." --max-new-tokens 8` timed end to end in fresh processes (median of ``--runs``), and one
+in-process breakdown of the same work (imports, weights, tokenizer, draft, classifier, cost profile,
+first token, the rest). Prints a table; ``--out`` writes startup.json.
 
-    python benchmarks/startup.py [--runs 3] [--out benchmarks/results/startup.json]
-
-Each run is a fresh process (imports included, as a user pays them). The first token is the first byte
-the command writes to stdout: generate streams text as it is accepted and prints nothing before it.
+    python benchmarks/startup.py [--runs 5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,53 +11,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
+CMD = ["generate", "--prompt", "Say hello.", "--max-new-tokens", "8", "--no-baseline"]
 
-def time_to_first_token(cache_dir: str, prompt: str) -> tuple[float, float]:
-    """(seconds to the first stdout byte, seconds to exit) of one `c2t-fast generate` process."""
-    env = {**os.environ, "C2T_FAST_CACHE": cache_dir, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "c2t_fast.cli", "generate", "--prompt", prompt, "--max-new-tokens", "8",
-           "--no-baseline"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    first = proc.stdout.read(1)
-    t_first = time.perf_counter() - t0
-    proc.stdout.read()
-    if proc.wait() != 0 or not first:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode})")
-    return t_first, time.perf_counter() - t0
+BREAKDOWN = r'''
+import json, sys, time
+t = [("start", time.perf_counter())]
+def mark(name): t.append((name, time.perf_counter()))
+import c2t_fast.cli  # what the command imports before it parses its arguments
+mark("import c2t_fast")
+from c2t_fast.hf.loading import load_target
+from c2t_fast.hf import shipped
+mark("import the loaders")
+model, tok = load_target("smollm2")
+mark("weights + tokenizer (load_target)")
+from c2t_fast.hf.adapter import chat_stop_ids, encode_chat
+ids = encode_chat(tok, "Say hello.")
+mark("chat encoding")
+from c2t_fast.decoding.loading import load_draft
+draft = load_draft(None, model)
+mark("draft head")
+from c2t_fast.decoding.defaults import make_strategy
+strategy = make_strategy()
+mark("classifier + strategy")
+from c2t_fast.decoding.engine import SpeculativeGenerator
+gen = SpeculativeGenerator(model, draft, strategy, stop_token_ids=chat_stop_ids(tok))
+mark("engine + cost profile")
+it = gen.stream(ids, 8)
+next(it)
+mark("first token (prefill)")
+for _ in it:
+    pass
+mark("7 more tokens")
+tok.decode([1, 2, 3])
+print(json.dumps([(a, round(tb - ta, 3)) for (_, ta), (a, tb) in zip(t, t[1:])]))
+'''
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="later runs to time (the median is reported)")
-    ap.add_argument("--prompt", default="Name three primary colors.")
-    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    # an unwritable cache: the model is converted from the GGUF file on every run, as before the cache
-    uncached = time_to_first_token("/proc/c2t_fast_no_cache", args.prompt)
-    with tempfile.TemporaryDirectory(prefix="c2t-startup-") as cache:
-        first = time_to_first_token(cache, args.prompt)
-        later = [time_to_first_token(cache, args.prompt) for _ in range(args.runs)]
-    res = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "every_run_without_cache_s": {"first_token": round(uncached[0], 2), "exit": round(uncached[1], 2)},
-           "first_run_s": {"first_token": round(first[0], 2), "exit": round(first[1], 2)},
-           "later_runs_median_s": {"first_token": round(statistics.median(t for t, _ in later), 2),
-                                   "exit": round(statistics.median(e for _, e in later), 2)},
-           "later_runs_first_token_s": [round(t, 2) for t, _ in later]}
-    print(json.dumps(res, indent=2))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    exe = [sys.executable, "-m", "c2t_fast.cli"]
+    subprocess.run(exe + CMD, env=env, capture_output=True, check=True)  # the first run: converts, measures costs
+    walls = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        subprocess.run(exe + CMD, env=env, capture_output=True, check=True)
+        walls.append(time.perf_counter() - t)
+    parts = json.loads(subprocess.run([sys.executable, "-c", BREAKDOWN], env=env, capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1])
+    res = {"command": "c2t-fast " + " ".join(CMD), "runs_s": [round(w, 3) for w in walls],
+           "median_s": round(statistics.median(walls), 3), "breakdown_s": parts}
+    print(f"command to exit, later run: median {res['median_s']:.2f} s of {args.runs} ({res['runs_s']})")
+    print("| step | seconds |\n|---|---:|")
+    for name, s in parts:
+        print(f"| {name} | {s:.3f} |")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "startup.json"), "w") as f:
             json.dump(res, f, indent=2)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -180,7 +180,7 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
     class PlainFirst(CostRule):
         def reset(self):
             super().reset()
-            self.plain_left = 1  # the first step after the prefill is a plain step
+            self.account = -1e9  # in debt: the first step after the prefill is a plain step (no n-gram tree)
 
     # one generator whose trees the rule cuts (0.04 s per verified token), one whose step is plain
     gens = [SpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[],
@@ -193,7 +193,7 @@ def test_sampling_under_the_cost_rule_is_the_targets_law():
         out = gens[seed % 2].generate(prompt, max_new_tokens=2, temperature=0.8, seed=seed)
         a, b = out.tokens[:2]
         counts[a * V + b] += 1
-        plain += out.metrics.plain_steps
+        plain += seed % 2 == 1 and out.metrics.plain_steps
         cut += seed % 2 == 0 and out.metrics.draft_tokens[0] < 5  # fewer than the whole tree
     assert plain == N // 2 and cut > N // 10
     assert chisquare(counts, joint / joint.sum() * N).pvalue > 1e-3
@@ -235,3 +235,26 @@ def test_the_account_is_machine_independent_with_a_fixed_draft_cost():
     assert rule.account == pytest.approx(2 * rule.profile.verify(1) - rule.elapsed)
     with pytest.raises(ValueError, match="loss_share"):
         CostRule(flat(0.1, 0.01), loss_share=1.5)
+
+
+def test_a_backed_off_draft_leaves_the_free_branches_and_follows_their_text():
+    """Steps the draft sits out still verify the training-free sources' tree (no draft call); afterwards
+    the draft has read that text: a self-draft accepts its whole chain again."""
+    rule = CostRule(flat(10.0, 0.0), probe_every=3, max_plain=3, draft_cost=0.0)
+    assert rule.step_mode(True, True) == "draft" and rule.step_mode(False, True) == "sources"
+    rule.after_step(0.0)
+    assert [rule.step_mode(True, True) for _ in range(3)] == ["sources"] * 3 and rule.step_mode(True, True) == "draft"
+    rule.after_step(0.0)
+    assert rule.step_mode(True, False) == "plain"  # no sources: the same step is plain
+    rule.account = -1.0
+    rule.elapsed = 1.0
+    assert rule.step_mode(True, True) == "plain"  # in debt: nothing speculative at all
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    rule = CostRule(flat(10.0, 0.0), probe_every=3, max_plain=3, draft_cost=0.0)
+    rule.after_step(0.0)
+    gen = SpeculativeGenerator(target, DraftLM(target), Chain(3), eos_token_id=[], budget=rule, ngram=2)
+    rule.reset = lambda: None
+    out = gen.generate(PROMPT, max_new_tokens=24)
+    assert out.tokens == target.generate(PROMPT[None], do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                         pad_token_id=0)[0, PROMPT.numel():].tolist()
+    assert min(out.metrics.accepted[3:]) >= 3  # every later chain of the self-draft fully accepted

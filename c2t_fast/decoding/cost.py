@@ -296,10 +296,20 @@ class CostRule:
             self.wait = self.probe_every
 
     def take_plain_step(self) -> bool:
-        if self.plain_left > 0:
-            self.plain_left -= 1
-            return True
-        return self.in_debt()
+        """Whether the next step runs without the draft (``step_mode`` with no training-free sources)."""
+        return self.step_mode(True, False) != "draft"
+
+    def step_mode(self, draft: bool, sources: bool) -> str:
+        """The next step's kind: "draft" (the draft grows a tree, the sources join it), "sources" (no draft
+        call: the training-free sources' tree alone, sized like any other) or "plain". The draft's own
+        backoff (``after_step``) turns draft steps into sources steps, not into plain ones: a head that does
+        not pay leaves the free branches in place; the account (``in_debt``) stops all speculation."""
+        if self.in_debt():
+            return "plain"
+        if self.plain_left > 0 or not draft:
+            self.plain_left = max(self.plain_left - 1, 0) if draft else self.plain_left
+            return "sources" if sources else "plain"
+        return "draft"
 
     def estimate(self, scores: torch.Tensor, path_scores: bool, parents: list, source: torch.Tensor,
                  source_score: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:

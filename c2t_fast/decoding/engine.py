@@ -184,8 +184,10 @@ class SpeculativeGenerator:
             else:
                 root = int(first.argmax())
             context.append(root)
-            if self.draft is not None:
-                self.draft.prefill(ids.to(device), hidden)
+            # The draft reads the prompt at the first speculative step, not here: under the cost rule a run
+            # that never speculates never pays for it, and when it does the cost lands on that step's
+            # account (the rule's probes pay for themselves).
+            draft_prompt = (ids.to(device), hidden) if self.draft is not None else None
             root_feature = hidden[-1]
             m.prefill_time = time.perf_counter() - t_start
             m.new_tokens = 1
@@ -206,15 +208,22 @@ class SpeculativeGenerator:
             pending_tokens, pending_features = [], []  # context the draft has not seen (plain steps)
             while True:
                 t0 = time.perf_counter()
-                plain = rule is not None and rule.take_plain_step()
+                has_draft = self.draft is not None
+                if rule is not None:
+                    mode = rule.step_mode(has_draft, bool(self.sources))
+                else:
+                    mode = "draft" if has_draft else "sources"
                 root_only = ops.Tree(torch.tensor([root], dtype=torch.int64, device=device),
                                      torch.tensor([-1], dtype=torch.int32, device=device), torch.zeros(1, device=device))
                 d, st = None, None
-                if plain:  # a plain decoding step: the root alone, no draft call
+                if mode == "plain":  # a plain decoding step: the root alone, no draft call
                     tree = root_only
                     sized = None
                 else:
-                    if self.draft is not None:
+                    if mode == "draft":
+                        if draft_prompt is not None:
+                            self.draft.prefill(*draft_prompt)
+                            draft_prompt = None
                         if pending_tokens:
                             self.draft.extend(torch.tensor(pending_tokens, dtype=torch.int64, device=device),
                                               torch.stack(pending_features))
@@ -228,10 +237,12 @@ class SpeculativeGenerator:
                     for k, v in st.added.items():
                         m.source_nodes[SOURCE_NAMES[k]] = m.source_nodes.get(SOURCE_NAMES[k], 0) + v
                     m.ngram_nodes += st.added.get(NGRAM, 0)
-                    sized = self._size_tree(d, st, time.perf_counter() - t0) if rule is not None else None
+                    sized = (self._size_tree(d, st, time.perf_counter() - t0, backoff=mode == "draft")
+                             if rule is not None else None)
                     if sized is not None:
                         st = sized[0]
                     tree = st.tree
+                plain = tree.tokens.numel() == 1  # nothing (left) to verify: the model's causal fast path
                 t1 = time.perf_counter()
                 prefix = cache.get_seq_length()
                 if plain:  # one token appended causally: the model's own fast path, no tree bits
@@ -283,12 +294,10 @@ class SpeculativeGenerator:
                 for src in self.sources:
                     src.extend(out)
                 if not done:
-                    if self.draft is None:
-                        pass
-                    elif plain:  # the draft sees the root with its feature at the next speculative step
-                        pending_tokens.append(root)
-                        pending_features.append(root_feature)
-                    else:
+                    if has_draft and mode != "draft":  # the draft reads this text (token, predecessor's feature) later
+                        pending_tokens += [root] + accepted.tolist()
+                        pending_features += [root_feature] + list(hid[path[:-1]])
+                    elif has_draft:
                         self.draft.commit(accepted, hid[path[:-1]])
                     root, root_feature = emitted[-1], hid[path[-1]]
                 m.total_time = time.perf_counter() - t_start
@@ -296,9 +305,10 @@ class SpeculativeGenerator:
                 if done:
                     return
 
-    def _size_tree(self, d: TreeDrafter | None, st: StepTree, draft_s: float):
+    def _size_tree(self, d: TreeDrafter | None, st: StepTree, draft_s: float, backoff: bool = True):
         """The cost rule's cut of this step's tree: (the step tree to verify, then for its nodes what the
-        rule learns from: draft scores, path scores or not, parents, sources, source scores, depths)."""
+        rule learns from: draft scores, path scores or not, parents, sources, source scores, depths).
+        ``backoff``: a draft step's promised rate decides the draft's next steps (``CostRule.after_step``)."""
         rule = self.cost_rule
         tree = st.tree
         n = tree.tokens.numel()
@@ -317,7 +327,8 @@ class SpeculativeGenerator:
             scores[0] = 1.0
         p = rule.estimate(scores, path_scores, parents, st.source, st.score, depth)
         keep, rate = rule.choose(p[1:], draft_s)
-        rule.after_step(rate)
+        if backoff:
+            rule.after_step(rate)
         if keep < n - 1:
             scored = ops.Tree(tree.tokens, tree.parents, p.clamp(min=1e-30).log().to(tree.logp.device))
             sub, sel = ops.rerank_tree(scored, keep + 1)

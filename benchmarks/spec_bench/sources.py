@@ -1,0 +1,85 @@
+"""Training-free draft sources ablated on spec_bench sets (issue #31), one process per set so every row is
+timed side by side: plain decoding, transformers' prompt lookup, the sources alone (no draft: n-gram,
+datastore, recycling, all three) and the shipped head with them (the default main job, then with the
+datastore and recycling too). Every speculative row runs the cost rule (budget auto).
+
+    python benchmarks/spec_bench/sources.py --sets mt_bench,humaneval,alpaca,sum --limit 3 --tokens 128 \
+        --out experiments/results/sources_ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from c2t_fast.bench import PROMPT_LOOKUP_TOKENS, read_prompts  # noqa: E402
+from c2t_fast.decoding.engine import SpeculativeGenerator  # noqa: E402
+from c2t_fast.decoding.loading import load_draft, load_sources  # noqa: E402
+from c2t_fast.hf.adapter import TargetAdapter, chat_stop_ids, encode_chat  # noqa: E402
+from c2t_fast.hf.loading import load_target  # noqa: E402
+
+SPEC_BENCH = os.environ.get("SPEC_BENCH", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
+                                                        "spec_bench"))
+ROWS = [  # label, head?, n-gram tokens, datastore, recycling
+    ("ngram", False, 10, None, False), ("datastore", False, 0, "default", False),
+    ("recycling", False, 0, None, True), ("ngram+datastore+recycling", False, 10, "default", True),
+    ("head+ngram (default)", True, 10, None, False), ("head+ngram+datastore+recycling", True, 10, "default", True),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="mt_bench,humaneval,alpaca,sum")
+    ap.add_argument("--limit", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    target, tok = load_target()
+    adapter, stop = TargetAdapter(target), chat_stop_ids(tok)
+    head = load_draft(None, target)
+    table = ["| set | row | tokens/s | vs plain | vs prompt lookup | tau | verified/step | plain steps |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    results = {}
+    for name in args.sets.split(","):
+        prompts = [encode_chat(tok, t) for _, _, t in read_prompts(os.path.join(SPEC_BENCH, f"{name}.jsonl"), args.limit)]
+        rows = {}
+        for label, lookup in (("plain", 0), ("prompt lookup", PROMPT_LOOKUP_TOKENS)):
+            n = t = 0.0
+            for ids in prompts:
+                t0 = time.perf_counter()
+                n += adapter.generate(ids, args.tokens, stop_ids=stop, prompt_lookup_tokens=lookup).numel()
+                t += time.perf_counter() - t0
+            rows[label] = {"tokens_per_s": n / t}
+        for label, use_head, ngram, ds, rec in ROWS:
+            gen = SpeculativeGenerator(target, head if use_head else None, stop_token_ids=stop, ngram=ngram,
+                                       budget="auto", **load_sources(ds, rec, target))
+            n = t = steps = acc = verified = plain = 0
+            for ids in prompts:
+                m = gen.generate(ids, args.tokens).metrics
+                n, t, steps = n + m.new_tokens, t + m.total_time, steps + m.steps
+                acc, verified, plain = acc + sum(m.accepted), verified + m.gamma, plain + m.plain_steps
+            rows[label] = {"tokens_per_s": n / t, "tau": acc / steps, "verified_per_step": verified / steps,
+                           "plain_share": plain / steps}
+        ar, pl = rows["plain"]["tokens_per_s"], rows["prompt lookup"]["tokens_per_s"]
+        for label, r in rows.items():
+            r.update(vs_plain=r["tokens_per_s"] / ar, vs_prompt_lookup=r["tokens_per_s"] / pl)
+            table.append(f"| {name} | {label} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f} | {r['vs_prompt_lookup']:.2f}"
+                         f" | {r.get('tau', float('nan')):.2f} | {r.get('verified_per_step', float('nan')):.1f}"
+                         f" | {r.get('plain_share', float('nan')):.0%} |")
+        results[name] = rows
+        print("\n".join(table[-len(rows):]), flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"limit": args.limit, "tokens": args.tokens, "results": results}, f, indent=2)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
