@@ -81,7 +81,8 @@ def test_features_and_top_logprobs_are_the_targets(pair, tmp_path):
     lm = StaticBatchLM(model, 1, 256, feature_layers=layers, linear="torch")
     for row in stored_jobs(str(tmp_path / "data")):
         arr = store.open(row["shard"])
-        n, off = row["length"], row["offset"]
+        off, n = store.covered(row["shard"])["index"][str(row["job"])]
+        assert n == row["length"]
         ids = row["tokens"]
         with torch.no_grad():
             out = model(ids[None], output_hidden_states=True)
@@ -110,11 +111,14 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(pair, tmp_path):
     _run(pair, tmp_path / "cut", cfg, max_jobs=2)
     _run(pair, tmp_path / "cut", cfg, max_jobs=1)
     # a kill between a write and the meta: the bytes after the last committed job are cut back
-    shard = tmp_path / "cut" / "data" / "shard_00001"
-    with open(shard / "tokens.bin", "ab") as f:
+    shards = sorted((tmp_path / "cut" / "data").glob("shard_*"))
+    open_shard = next(d for d in shards if not (d / "SEALED").exists())
+    with open(open_shard / "tokens.bin", "ab") as f:
         f.write(b"\x01\x02\x03")
-    with open(shard / "index.jsonl", "a") as f:
+    with open(open_shard / "index.jsonl", "a") as f:
         f.write('{"job": 99}\n')
+    # and a seal interrupted after its copy was written: the unsealed shard stands, the copy is dropped
+    (tmp_path / "cut" / "data" / (open_shard.name + ".new")).mkdir()
     meta = _run(pair, tmp_path / "cut", cfg)
     assert meta["jobs"] == len(TURNS) and len(meta["sessions"]) == 3
 
@@ -122,8 +126,19 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(pair, tmp_path):
         return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
                 for r, _, fs in os.walk(d) for f in fs if not f.endswith(".json")}
 
-    for part in ("data", "features"):
-        assert files(tmp_path / "full" / part) == files(tmp_path / "cut" / part)
+    # every shard complete, so sealed in job order: the same bytes as the uninterrupted run
+    assert files(tmp_path / "full" / "data") == files(tmp_path / "cut" / "data")
+    assert all((d / "SEALED").exists() for d in (tmp_path / "cut" / "data").glob("shard_*"))
+    # the features hold every job's rows, byte for byte, wherever they landed in the files
+    stores = [FeatureStore(str(tmp_path / x / "features"), {"config": meta["config"], "dtype": meta["dtype"]},
+                           64 * 3, 0, 16, len(pair[1])) for x in ("full", "cut")]
+    for shard in range(3):
+        a, b = (st.covered(shard)["index"] for st in stores)
+        assert a.keys() == b.keys() and a
+        for job in a:
+            for name in ("features", "topk_ids", "topk_logp"):
+                (oa, n), (ob, _) = a[job], b[job]
+                assert np.array_equal(stores[0].open(shard)[name][oa:oa + n], stores[1].open(shard)[name][ob:ob + n])
     rows = list(stored_jobs(str(tmp_path / "full" / "data")))
     temps = [t for r in rows for _, _, t in r["replies"]]
     assert 0.0 in temps and 0.9 in temps  # both kinds of reply drawn

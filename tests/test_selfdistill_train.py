@@ -103,7 +103,8 @@ def test_missing_features_are_recomputed_from_the_ids(dataset, tmp_path):
     refs = data.refs("train", reply_tokens=40)
     data.ensure_features(model, refs, progress=False)
     store = data.store(model)
-    assert store.covered(0)["jobs"] == 8 and store.covered(1)["jobs"] == 0  # only the shards the refs reach
+    assert all(store.has(r["shard"], r["job"]) for r in refs)  # only the jobs asked for
+    assert len(store.covered(0)["index"]) == len(refs) < 24 and not store.covered(2)["index"]
     orig = SelfDistillData(str(d / "data"), str(d / "features"))
     orig.store(model)
     for ref in refs:

@@ -7,9 +7,11 @@ data set (``training.generator``), files whose rows are aligned with the shard's
   the target's top-k next-token log-probabilities where the next token is the target's own (zero
   elsewhere).
 
-``meta.json`` records, per shard, how many of its jobs and tokens the files cover (a prefix). The
-generator appends while it runs; a machine that lacks a shard's features (they are never committed)
-rebuilds them from the token ids with :func:`recompute`, one prefill per job.
+``meta.json`` records, per shard, the tokens the files hold and where each job's rows are (``index``:
+job number -> [offset, length]): jobs arrive in the order they finish, which need not be the data set's
+order. The generator appends while it runs; a machine that lacks a shard's features (they are never
+committed) rebuilds them from the token ids (``training.selfdistill_train.SelfDistillData``, one prefill
+per job).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class FeatureStore:
         return os.path.join(self.root, f"shard_{shard:05d}")
 
     def covered(self, shard: int) -> dict:
-        """``{"jobs": n, "tokens": t}``: the prefix of the shard the files hold."""
-        return self.meta["shards"].get(str(shard), {"jobs": 0, "tokens": 0})
+        """``{"tokens": t, "index": {job: [offset, length]}}``: what the shard's files hold."""
+        return self.meta["shards"].get(str(shard), {"tokens": 0, "index": {}})
+
+    def has(self, shard: int, job: int) -> bool:
+        return str(job) in self.covered(shard)["index"]
 
     def _row_bytes(self) -> dict:
         return {"features.f16": 2 * self.width, "hidden.f16": 2 * self.hidden,
@@ -68,25 +73,22 @@ class FeatureStore:
             total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
         return total
 
-    def truncate(self, shard: int, jobs: int, tokens: int) -> None:
-        """Cut the shard's files back to ``tokens`` rows (a resumed run: what the data set committed)."""
-        cov = self.covered(shard)
-        if cov["jobs"] <= jobs:
-            jobs, tokens = cov["jobs"], cov["tokens"]
-        d = self._dir(shard)
-        for name, width in self._row_bytes().items():
-            path = os.path.join(d, name)
-            if os.path.isfile(path) and os.path.getsize(path) > tokens * width:
-                with open(path, "r+b") as f:
-                    f.truncate(tokens * width)
-        self.meta["shards"][str(shard)] = {"jobs": jobs, "tokens": tokens}
+    def cut_back(self) -> None:
+        """Every shard's files back to the rows the meta records (an interrupted append)."""
+        for key, cov in self.meta["shards"].items():
+            d = self._dir(int(key))
+            for name, width in self._row_bytes().items():
+                path = os.path.join(d, name)
+                if os.path.isfile(path) and os.path.getsize(path) > cov["tokens"] * width:
+                    with open(path, "r+b") as f:
+                        f.truncate(cov["tokens"] * width)
 
-    def append(self, shard: int, job_in_shard: int, fin) -> bool:
-        """Append a finished job's rows (``generator.Finished``) when the shard's files reach exactly up to
-        it and the budget allows; returns whether they were written."""
-        cov = self.covered(shard)
-        if cov["jobs"] != job_in_shard or fin.topk_ids is None or self.size_bytes_cached() >= self.budget:
+    def append(self, shard: int, job: int, fin) -> bool:
+        """Append a finished job's rows (``generator.Finished``) unless it is there or the budget is spent;
+        returns whether they were written."""
+        if fin.topk_ids is None or self.has(shard, job) or self.size_bytes_cached() >= self.budget:
             return False
+        cov = self.meta["shards"].setdefault(str(shard), {"tokens": 0, "index": {}})
         n = fin.tokens.size
         d = self._dir(shard)
         os.makedirs(d, exist_ok=True)
@@ -99,7 +101,8 @@ class FeatureStore:
             with open(os.path.join(d, name), "ab") as f:
                 f.write(np.ascontiguousarray(arr).tobytes())
         self._size = self.size_bytes_cached() + n * sum(self._row_bytes()[k] for k, a in rows.items() if a is not None)
-        self.meta["shards"][str(shard)] = {"jobs": cov["jobs"] + 1, "tokens": cov["tokens"] + n}
+        cov["index"][str(job)] = [cov["tokens"], int(n)]
+        cov["tokens"] += int(n)
         return True
 
     def size_bytes_cached(self) -> int:
@@ -111,7 +114,8 @@ class FeatureStore:
         _write_json(self.meta_file, self.meta)
 
     def open(self, shard: int) -> dict:
-        """Memory-mapped arrays of the shard (``features``, ``hidden`` or None, ``topk_ids``, ``topk_logp``)."""
+        """Memory-mapped arrays of the shard (``features``, ``hidden`` or None, ``topk_ids``, ``topk_logp``);
+        a job's rows are ``covered(shard)["index"][str(job)]``."""
         d = self._dir(shard)
         t = self.covered(shard)["tokens"]
 
@@ -125,11 +129,6 @@ class FeatureStore:
                 "hidden": mm("hidden.f16", np.float16, self.hidden),
                 "topk_ids": mm("topk_ids.bin", self.id_dtype, self.k),
                 "topk_logp": mm("topk_logp.f16", np.float16, self.k)}
-
-    def drop(self, shard: int) -> None:
-        shutil.rmtree(self._dir(shard), ignore_errors=True)
-        self.meta["shards"].pop(str(shard), None)
-        self._size = self.size_bytes()
 
 
 def job_features(lm, tokens: np.ndarray, spans: list, k: int, capture_hidden: bool):

@@ -26,11 +26,12 @@ residual streams entering ``feature_layers`` (fp16) and the target's top-k log-p
 next token (where the next token is the target's own), aligned with each shard's tokens; when missing
 (another machine, a feature budget reached) ``feature_store.recompute`` rebuilds them from the ids.
 
-Resumable to the same bytes: jobs are committed strictly in job order (a reorder buffer holds jobs that
-finished early), and a job's tokens depend on nothing but the job (every decoding-step GEMM has the
-same shape whatever the other slots hold, attention reads each row's own cache, each reply has its own
-random generator). A rerun cuts the files back to the last committed job and restarts the ones that
-were in flight: on the same machine and thread count it writes what an uninterrupted run would have.
+Resumable to the same bytes: a job's tokens depend on nothing but the job (every decoding-step GEMM has
+the same shape whatever the other slots hold, attention reads each row's own cache, each reply has its
+own random generator), so jobs are committed as they finish, whatever their order, and a rerun redoes
+only those that were in flight. Once every job of a shard is in, the shard is sealed: rewritten in job
+order, so that on the same machine and thread count it is byte for byte what an uninterrupted run
+writes (``training.selfdistill``).
 """
 
 from __future__ import annotations
@@ -267,34 +268,30 @@ class SlotScheduler:
         return fin
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self, jobs, first_number: int = 0, should_stop=None):
-        """Yield the :class:`Finished` jobs of the iterable ``jobs`` (numbered from ``first_number``) in order.
+    def run(self, jobs, should_stop=None):
+        """Yield the :class:`Finished` jobs of ``jobs`` (an iterable of ``(number, Job)``) as they finish.
         ``should_stop()`` is asked after every decoding step; when it answers True the run ends there (the
         jobs in flight are dropped: a resumed run redoes them)."""
         it = iter(jobs)
-        number = first_number
-        pending: dict[int, Finished] = {}
-        next_out = first_number
+        ready: list[Finished] = []
         exhausted = False
 
         def fill():
-            nonlocal number, exhausted
+            nonlocal exhausted
             for s in range(self.lm.slots):
                 while self.slot[s] is None and not exhausted:
-                    job = next(it, None)
-                    if job is None:
+                    item = next(it, None)
+                    if item is None:
                         exhausted = True
                         break
-                    done = self._start(s, job, number)
-                    number += 1
+                    done = self._start(s, item[1], item[0])
                     if done is not None:
-                        pending[done.number] = done
+                        ready.append(done)
 
         fill()
         while True:
-            while next_out in pending:
-                yield pending.pop(next_out)
-                next_out += 1
+            while ready:
+                yield ready.pop(0)
             if should_stop is not None and should_stop():
                 return
             active = [st is not None for st in self.slot]
@@ -316,6 +313,5 @@ class SlotScheduler:
                 if self._hid is not None:
                     self._hid[idx, pos] = out.hidden[idx].to(torch.float16)
             for s in self._advance(rows, out.logits[rows], [positions[s] for s in rows]):
-                fin = self._finish(s)
-                pending[fin.number] = fin
+                ready.append(self._finish(s))
             fill()

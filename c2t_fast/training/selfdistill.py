@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict
 from typing import Iterator
@@ -55,21 +56,26 @@ def _config_dict(cfg: GeneratorConfig) -> dict:
 
 
 class DataStore:
-    """The committed part of a data set: ``meta.json`` and ``shard_XXXXX/{tokens.bin, index.jsonl}``."""
+    """The committed part of a data set: ``meta.json`` and ``shard_XXXXX/{tokens.bin, index.jsonl}``. Jobs
+    are appended to their shard (job number // ``shard_jobs``) as they finish; ``meta["shards"]`` records
+    how many jobs and tokens each shard's files hold (anything past that is an interrupted write, cut
+    back on opening) and whether it is sealed (complete and rewritten in job order)."""
 
     def __init__(self, out_dir: str, cfg: GeneratorConfig, vocab: int, create: bool = True):
         self.dir, self.cfg = out_dir, cfg
         self.dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<i4")
         self.meta_file = os.path.join(out_dir, "meta.json")
-        self.meta = {"format": FORMAT, "version": 1, "dtype": self.dtype.str, "config": _config_dict(cfg),
-                     "jobs": 0, "tokens": 0, "reply_tokens": 0, "heldout_reply_tokens": 0,
-                     "shard_tokens": 0, "generate_s": 0.0, "sessions": []}
+        self.meta = {"format": FORMAT, "version": 2, "dtype": self.dtype.str, "config": _config_dict(cfg),
+                     "jobs": 0, "tokens": 0, "reply_tokens": 0, "heldout_reply_tokens": 0, "shards": {},
+                     "generate_s": 0.0, "sessions": []}
         if os.path.isfile(self.meta_file):
             with open(self.meta_file) as f:
                 old = json.load(f)
-            if old.get("format") != FORMAT or old.get("config") != _config_dict(cfg) or old.get("dtype") != self.dtype.str:
-                raise ValueError(f"{out_dir} holds a data set with other settings ({old.get('config')}); "
-                                 "continue it with the same settings or use a new directory")
+            if (old.get("format") != FORMAT or old.get("version") != 2 or old.get("config") != _config_dict(cfg)
+                    or old.get("dtype") != self.dtype.str):
+                raise ValueError(f"{out_dir} holds a data set with other settings ({old.get('config')}) or format "
+                                 f"(version {old.get('version')}); continue it with the same settings or use a new "
+                                 "directory")
             self.meta = old
         elif create:
             os.makedirs(out_dir, exist_ok=True)
@@ -82,44 +88,67 @@ class DataStore:
         d = os.path.join(self.dir, f"shard_{shard:05d}")
         return os.path.join(d, "tokens.bin"), os.path.join(d, "index.jsonl")
 
-    def committed_shard_tokens(self) -> int:
-        """Tokens committed to the shard the next job goes to."""
-        return self.meta["shard_tokens"] if self.shard_of(self.meta["jobs"])[1] else 0
+    def shard(self, shard: int) -> dict:
+        return self.meta["shards"].setdefault(str(shard), {"jobs": 0, "tokens": 0, "sealed": False})
 
     def _cut_back(self) -> None:
-        """Files back to the committed jobs (a run interrupted between a write and the meta)."""
-        shard, in_shard = self.shard_of(self.meta["jobs"])
-        tokens, index = self._paths(shard)
-        if os.path.isfile(tokens):
-            with open(tokens, "r+b") as f:
-                f.truncate(self.committed_shard_tokens() * self.dtype.itemsize)
-        if os.path.isfile(index):
-            with open(index) as f:
-                lines = f.readlines()
-            if len(lines) > in_shard:
-                with open(index, "w") as f:
-                    f.writelines(lines[:in_shard])
-        for later in range(shard + 1, shard + 1000):  # shards opened after the last committed job
-            t, i = self._paths(later)
-            if not os.path.isdir(os.path.dirname(t)):
-                break
-            for p in (t, i):
-                if os.path.isfile(p):
-                    os.remove(p)
+        """Every shard's files back to what the meta records (a run interrupted between a write and the meta),
+        and an interrupted seal finished or undone (``seal``'s directory swap)."""
+        names = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
+        for name in names:
+            path = os.path.join(self.dir, name)
+            if name.endswith(".new"):
+                final = path[:-len(".new")]
+                if os.path.isdir(final):
+                    shutil.rmtree(path)  # the seal had not swapped yet: the unsealed shard stands
+                else:
+                    os.replace(path, final)  # swapped halfway: the sealed copy is complete
+        for name in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
+            if name.endswith(".old"):
+                shutil.rmtree(os.path.join(self.dir, name))
+        for name in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
+            if not name.startswith("shard_"):
+                continue
+            if os.path.isfile(os.path.join(self.dir, name, "SEALED")):
+                self.shard(int(name[len("shard_"):]))["sealed"] = True
+                continue
+            info = self.meta["shards"].get(str(int(name[len("shard_"):])), {"jobs": 0, "tokens": 0})
+            tokens, index = self._paths(int(name[len("shard_"):]))
+            if os.path.isfile(tokens):
+                with open(tokens, "r+b") as f:
+                    f.truncate(info["tokens"] * self.dtype.itemsize)
+            if os.path.isfile(index):
+                with open(index) as f:
+                    lines = f.readlines()
+                if len(lines) > info["jobs"]:
+                    with open(index, "w") as f:
+                        f.writelines(lines[:info["jobs"]])
 
-    def commit(self, fin: Finished) -> tuple[int, int]:
-        """Append a finished job (``fin.number`` must be the next job); returns (shard, index in shard)."""
-        if fin.number != self.meta["jobs"]:
-            raise ValueError(f"job {fin.number} committed out of order (next is {self.meta['jobs']})")
-        shard, in_shard = self.shard_of(fin.number)
-        if in_shard == 0:
-            self.meta["shard_tokens"] = 0
+    def committed(self) -> set:
+        """The numbers of every committed job."""
+        done = set()
+        for key, info in self.meta["shards"].items():
+            if info["sealed"]:
+                k = int(key)
+                done.update(range(k * self.cfg.shard_jobs, k * self.cfg.shard_jobs + info["jobs"]))
+            elif info["jobs"]:
+                with open(self._paths(int(key))[1]) as f:
+                    done.update(json.loads(x)["job"] for _, x in zip(range(info["jobs"]), f))
+        return done
+
+    def commit(self, fin: Finished) -> tuple[int, dict]:
+        """Append a finished job to its shard; returns (shard, the shard's counts before it)."""
+        shard, _ = self.shard_of(fin.number)
+        info = self.shard(shard)
+        if info["sealed"]:
+            raise ValueError(f"job {fin.number}: shard {shard} is sealed")
+        before = dict(info)
         tokens, index = self._paths(shard)
         os.makedirs(os.path.dirname(tokens), exist_ok=True)
         with open(tokens, "ab") as f:
             f.write(fin.tokens.astype(self.dtype).tobytes())
         row = {"job": fin.number, "kind": fin.job.kind, "source_id": fin.job.source_id, "split": fin.job.split,
-               "offset": self.meta["shard_tokens"], "length": int(fin.tokens.size), "replies": fin.spans}
+               "offset": info["tokens"], "length": int(fin.tokens.size), "replies": fin.spans}
         if fin.skipped:
             row["skipped"] = fin.skipped
         with open(index, "a") as f:
@@ -128,47 +157,100 @@ class DataStore:
         m = self.meta
         m["jobs"] += 1
         m["tokens"] += int(fin.tokens.size)
-        m["shard_tokens"] += int(fin.tokens.size)
+        info["jobs"] += 1
+        info["tokens"] += int(fin.tokens.size)
         m["reply_tokens" if fin.job.split == "train" else "heldout_reply_tokens"] += reply
-        return shard, in_shard
+        return shard, before
+
+    def seal_order(self, shard: int, total_jobs: int) -> list | None:
+        """When the shard holds all its jobs (of ``total_jobs`` in the list): the permutation that puts its
+        jobs in number order (old position of each new position), else None."""
+        info = self.shard(shard)
+        expected = min(self.cfg.shard_jobs, total_jobs - shard * self.cfg.shard_jobs)
+        if info["sealed"] or info["jobs"] < expected:
+            return None
+        with open(self._paths(shard)[1]) as f:
+            rows = [json.loads(x) for x in f]
+        return sorted(range(len(rows)), key=lambda i: rows[i]["job"])
+
+    def seal(self, shard: int, order: list) -> None:
+        """Rewrite the shard in job order (``seal_order``): written whole into ``shard_X.new`` (with a
+        ``SEALED`` mark), then swapped in; an interruption anywhere leaves the unsealed or the sealed shard
+        (``_cut_back`` finishes or undoes the swap)."""
+        tokens, index = self._paths(shard)
+        with open(index) as f:
+            rows = [json.loads(x) for x in f]
+        data = np.fromfile(tokens, dtype=self.dtype)
+        parts, new_rows, offset = [], [], 0
+        for i in order:
+            r = rows[i]
+            parts.append(data[r["offset"]:r["offset"] + r["length"]])
+            new_rows.append({**r, "offset": offset})
+            offset += r["length"]
+        final = os.path.dirname(tokens)
+        new, old = final + ".new", final + ".old"
+        shutil.rmtree(new, ignore_errors=True)
+        os.makedirs(new)
+        with open(os.path.join(new, "tokens.bin"), "wb") as f:
+            f.write(np.concatenate(parts).astype(self.dtype).tobytes() if parts else b"")
+        with open(os.path.join(new, "index.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in new_rows))
+        open(os.path.join(new, "SEALED"), "w").close()
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old)
+        self.shard(shard)["sealed"] = True
 
     def flush(self) -> None:
         _write_json(self.meta_file, self.meta)
 
 
 def _magpie_prompts(lm, tok, out_dir: str, cfg: GeneratorConfig, progress: bool) -> list[str]:
-    """Phase 1: the kept Magpie prompts (synthesising the missing ones first), in order."""
+    """Phase 1: the kept Magpie prompts, in rank order (synthesising the missing ones first). The file
+    takes the prompts as they finish; the filter then runs over them in rank order, so the kept set is
+    the same whatever the order they finished in (the file is rewritten in rank order with the verdicts)."""
     from tqdm.auto import tqdm
 
     path = os.path.join(out_dir, "magpie_prompts.jsonl")
-    rows = []
+    rows = {}
     if os.path.isfile(path):
         with open(path) as f:
-            rows = [json.loads(x) for x in f if x.strip()]
-    rows = rows[:cfg.magpie_prompts]
-    filt = PromptFilter()
-    for r in rows:  # replay the filter: the kept set decides later verdicts
-        filt.verdict(r["text"])
-    if len(rows) < cfg.magpie_prompts:
+            for x in f:
+                if x.strip():
+                    r = json.loads(x)
+                    if r["rank"] < cfg.magpie_prompts:
+                        # "ended": whether the user turn closed (older files say so through the reason)
+                        rows[r["rank"]] = {"rank": r["rank"], "text": r["text"],
+                                           "ended": r.get("ended", r.get("reason") != "unfinished")}
+    todo = [(i, Job("magpie_prompt", i)) for i in range(cfg.magpie_prompts) if i not in rows]
+    if todo:
         sched = SlotScheduler(lm, tok, cfg, capture=False)
-        todo = (Job("magpie_prompt", i) for i in range(len(rows), cfg.magpie_prompts))
         bar = tqdm(total=cfg.magpie_prompts, initial=len(rows), desc="synthesising Magpie prompts", disable=not progress)
         with open(path, "a") as f:
-            for fin in sched.run(todo, first_number=len(rows)):
+            for fin in sched.run(todo):
                 a, b, _ = fin.spans[0]
                 body = [t for t in fin.tokens[a:b].tolist() if t not in sched.stops]
-                text = tok.decode(body).strip()
-                ended = bool(fin.tokens[b - 1] in sched.stops)
-                reason = filt.verdict(text) if ended else "unfinished"
-                row = {"rank": fin.number, "text": text, "kept": reason is None}
-                if reason:
-                    row["reason"] = reason
+                row = {"rank": fin.number, "text": tok.decode(body).strip(), "ended": bool(fin.tokens[b - 1] in sched.stops)}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                rows.append(row)
+                rows[row["rank"]] = row
                 bar.update(1)
         bar.close()
-    return [r["text"] for r in rows if r["kept"]]
+    filt = PromptFilter()
+    out = []
+    for r in (rows[i] for i in range(cfg.magpie_prompts)):
+        reason = filt.verdict(r["text"]) if r["ended"] else "unfinished"
+        r["kept"] = reason is None
+        r.pop("reason", None)
+        if reason:
+            r["reason"] = reason
+        if reason is None:
+            out.append(r["text"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(rows[i]) + "\n" for i in range(cfg.magpie_prompts)))
+    os.replace(tmp, path)
+    return out
 
 
 def job_list(lm, tok, out_dir: str, cfg: GeneratorConfig, progress: bool = True) -> list[Job]:
@@ -212,9 +294,9 @@ def generate_data(target, tokenizer, out_dir: str, config: GeneratorConfig | Non
         feats = FeatureStore(features_dir or default_features_dir(out_dir), {"config": _config_dict(cfg), "dtype": store.dtype.str},
                              lm.hidden * len(layers), lm.hidden if cfg.store_hidden else 0, cfg.top_logprobs, vocab,
                              feature_budget_gb)
-        shard, in_shard = store.shard_of(store.meta["jobs"])
-        feats.truncate(shard, in_shard, store.committed_shard_tokens())
+        feats.cut_back()
         feats.meta["feature_layers"] = list(layers)
+    committed = store.committed()
     sched = SlotScheduler(lm, tokenizer, cfg, capture=capture)
     start_jobs, start_tokens = store.meta["jobs"], store.meta["reply_tokens"]
     session = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -238,11 +320,16 @@ def generate_data(target, tokenizer, out_dir: str, config: GeneratorConfig | Non
 
     try:
         out_of_time = (lambda: time.perf_counter() - t0 > time_limit_s) if time_limit_s else None
-        for fin in sched.run(all_jobs[start_jobs:], first_number=start_jobs, should_stop=out_of_time):
+        todo = ((i, job) for i, job in enumerate(all_jobs) if i not in committed)
+        for fin in sched.run(todo, should_stop=out_of_time):
             before = store.meta["reply_tokens"]
-            shard, in_shard = store.commit(fin)
+            shard, _ = store.commit(fin)
             if feats is not None:
-                feats.append(shard, in_shard, fin)
+                feats.append(shard, fin.number, fin)
+            order = store.seal_order(shard, len(all_jobs))
+            if order is not None:  # the shard is complete: rewrite it in job order
+                flush()
+                store.seal(shard, order)
             bar.update(store.meta["reply_tokens"] - before)
             if time.perf_counter() - last_flush > 30:
                 flush()
@@ -256,22 +343,22 @@ def generate_data(target, tokenizer, out_dir: str, config: GeneratorConfig | Non
 
 
 def stored_jobs(out_dir: str, split: str | None = "train", kinds: tuple = ("sharegpt", "magpie")) -> Iterator[dict]:
-    """The committed jobs of a data set, in order: each index row with ``tokens`` (int64 ``[n]``) and
-    ``shard``; ``split`` None for every split; skipped jobs and synthesised prompts left out."""
+    """The committed jobs of a data set in job order (a shard still being written holds them in the order
+    they finished: sorted here): each index row with ``tokens`` (int64 ``[n]``) and ``shard``; ``split``
+    None for every split; skipped jobs and synthesised prompts left out."""
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
-    shard_jobs = meta["config"]["shard_jobs"]
-    n_shards = (meta["jobs"] + shard_jobs - 1) // shard_jobs
-    for shard in range(n_shards):
-        d = os.path.join(out_dir, f"shard_{shard:05d}")
+    for key in sorted(meta["shards"], key=int):
+        info = meta["shards"][key]
+        d = os.path.join(out_dir, f"shard_{int(key):05d}")
+        if not info["jobs"]:
+            continue
         data = np.fromfile(os.path.join(d, "tokens.bin"), dtype=meta["dtype"])
         with open(os.path.join(d, "index.jsonl")) as f:
-            for line in f:
-                row = json.loads(line)
-                if row["job"] >= meta["jobs"]:
-                    return
-                if row.get("skipped") or row["kind"] not in kinds or (split and row["split"] != split):
-                    continue
-                row["tokens"] = torch.from_numpy(data[row["offset"]:row["offset"] + row["length"]].astype(np.int64))
-                row["shard"] = shard
-                yield row
+            rows = [json.loads(x) for _, x in zip(range(info["jobs"]), f)]
+        for row in sorted(rows, key=lambda r: r["job"]):
+            if row.get("skipped") or row["kind"] not in kinds or (split and row["split"] != split):
+                continue
+            row["tokens"] = torch.from_numpy(data[row["offset"]:row["offset"] + row["length"]].astype(np.int64))
+            row["shard"] = int(key)
+            yield row

@@ -89,21 +89,21 @@ class SelfDistillData:
         return self._store
 
     def _shard_rows(self, shard: int) -> list[dict]:
+        """The shard's committed jobs in job order."""
+        info = self.meta["shards"].get(str(shard), {"jobs": 0})
         with open(os.path.join(self.dir, f"shard_{shard:05d}", "index.jsonl")) as f:
-            return [json.loads(x) for x in f if x.strip()]
+            rows = [json.loads(x) for _, x in zip(range(info["jobs"]), f)]
+        return sorted(rows, key=lambda r: r["job"])
 
-    def shards(self) -> int:
-        sj = self.meta["config"]["shard_jobs"]
-        return (self.meta["jobs"] + sj - 1) // sj
+    def shards(self) -> list[int]:
+        return sorted(int(k) for k, v in self.meta["shards"].items() if v["jobs"])
 
     def refs(self, split: str, reply_tokens: int | None = None, limit: int | None = None) -> list[dict]:
-        """The committed jobs of ``split`` (``sharegpt`` and ``magpie`` answers, none skipped) in order, up
-        to ``reply_tokens`` reply tokens or ``limit`` jobs."""
+        """The committed jobs of ``split`` (``sharegpt`` and ``magpie`` answers, none skipped) in job order,
+        up to ``reply_tokens`` reply tokens or ``limit`` jobs."""
         out, total = [], 0
-        for shard in range(self.shards()):
+        for shard in self.shards():
             for row in self._shard_rows(shard):
-                if row["job"] >= self.meta["jobs"]:
-                    return out
                 if row.get("skipped") or row["kind"] == "magpie_prompt" or row["split"] != split:
                     continue
                 if (reply_tokens is not None and total >= reply_tokens) or (limit is not None and len(out) >= limit):
@@ -113,42 +113,29 @@ class SelfDistillData:
         return out
 
     def ensure_features(self, target, refs: list[dict], progress: bool = True) -> None:
-        """Recompute (once, into the store) every shard the ``refs`` reach whose features are incomplete."""
+        """Recompute (once, into the store) the features of every job in ``refs`` this machine lacks."""
         store = self.store(target)
-        need = sorted({r["shard"] for r in refs})
-        sj = self.meta["config"]["shard_jobs"]
-        lm = None
-        for shard in need:
-            rows = self._shard_rows(shard)
-            n_jobs = min(len(rows), self.meta["jobs"] - shard * sj)
-            if store.covered(shard)["jobs"] >= n_jobs:
-                continue
-            if lm is None:
-                lm = StaticBatchLM(target, 1, self.meta["config"]["capacity"], feature_layers=self.feature_layers)
-            tokens = np.fromfile(os.path.join(self.dir, f"shard_{shard:05d}", "tokens.bin"), dtype=self.meta["dtype"])
-            store.drop(shard)
-            for i, row in enumerate(tqdm(rows[:n_jobs], desc=f"recomputing the features of shard {shard}",
-                                         disable=not progress)):
-                ids = tokens[row["offset"]:row["offset"] + row["length"]].astype(np.int64)
-                fin = _Rows(ids, row["replies"]) if ids.size else _Rows(ids, [])
-                if ids.size:
-                    fin.features, fin.hidden, fin.topk_ids, fin.topk_logp = job_features(lm, ids, row["replies"], self.k,
-                                                                                         bool(store.hidden))
-                else:
-                    fin.empty(store)
-                store.append(shard, i, fin)
-            store.flush()
+        missing = [r for r in refs if not store.has(r["shard"], r["job"])]
+        if not missing:
+            return
+        lm = StaticBatchLM(target, 1, self.meta["config"]["capacity"], feature_layers=self.feature_layers)
+        for ref in tqdm(missing, desc="recomputing features from the token ids", disable=not progress):
+            ids = _tokens(self, ref).numpy()
+            fin = _Rows(ids, ref["replies"])
+            fin.features, fin.hidden, fin.topk_ids, fin.topk_logp = job_features(lm, ids, ref["replies"], self.k,
+                                                                                 bool(store.hidden))
+            store.append(ref["shard"], ref["job"], fin)
+        store.flush()
 
     def load(self, ref: dict) -> dict:
         arr = self._store.open(ref["shard"])
-        a, n = ref["offset"], ref["length"]
-        tokens = np.fromfile(os.path.join(self.dir, f"shard_{ref['shard']:05d}", "tokens.bin"),
-                             dtype=self.meta["dtype"], count=n, offset=a * np.dtype(self.meta["dtype"]).itemsize)
+        a, n = self._store.covered(ref["shard"])["index"][str(ref["job"])]
+        tokens = _tokens(self, ref)
         teach = torch.zeros(n, dtype=torch.bool)
         for s, e, _ in ref["replies"]:
             teach[s - 1:e - 1] = True
         top_ids = torch.from_numpy(np.array(arr["topk_ids"][a:a + n]).astype(np.int64))
-        return {"ids": torch.from_numpy(tokens.astype(np.int64)), "aux": torch.from_numpy(np.array(arr["features"][a:a + n])),
+        return {"ids": tokens, "aux": torch.from_numpy(np.array(arr["features"][a:a + n])),
                 "teach": teach, "top_ids": top_ids, "top_logp": torch.from_numpy(np.array(arr["topk_logp"][a:a + n])).float(),
                 "top": top_ids[:, 0], "loss_from": max(0, min(s for s, _, _ in ref["replies"]) - 1),
                 "greedy": all(t == 0 for _, _, t in ref["replies"])}
@@ -160,12 +147,6 @@ class _Rows:
     def __init__(self, tokens, spans):
         self.tokens, self.spans = tokens, spans
         self.features = self.hidden = self.topk_ids = self.topk_logp = None
-
-    def empty(self, store):
-        self.features = np.zeros((0, store.width), np.float16)
-        self.hidden = np.zeros((0, store.hidden), np.float16) if store.hidden else None
-        self.topk_ids = np.zeros((0, store.k), np.int32)
-        self.topk_logp = np.zeros((0, store.k), np.float16)
 
 
 def reply_vocabulary(data: SelfDistillData, refs: list[dict], n: int, vocab: int) -> torch.Tensor:
