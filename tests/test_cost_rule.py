@@ -258,3 +258,38 @@ def test_a_backed_off_draft_leaves_the_free_branches_and_follows_their_text():
     assert out.tokens == target.generate(PROMPT[None], do_sample=False, max_new_tokens=24, min_new_tokens=24,
                                          pad_token_id=0)[0, PROMPT.numel():].tolist()
     assert min(out.metrics.accepted[3:]) >= 3  # every later chain of the self-draft fully accepted
+
+
+def test_first_runs_at_once_and_damaged_profiles(tmp_path, monkeypatch):
+    """Several processes (here threads) measuring on an empty cache each finish with a profile; a profile
+    file that parses but is not a profile is measured again."""
+    import threading
+    import time as _time
+
+    monkeypatch.setenv("C2T_FAST_COST_DIR", str(tmp_path / "p"))
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+
+    def slow(model, **kw):
+        _time.sleep(0.2)  # every thread is measuring when the first one writes
+        return CostProfile([1, 2], [0.1, 0.2], key=cost.profile_key(model, torch.device("cpu")))
+
+    monkeypatch.setattr(cost, "measure_costs", slow)
+    out, errors = [], []
+
+    def run():
+        try:
+            out.append(load_costs(target, progress=False))
+        except Exception as err:  # noqa: BLE001 - the test reports whatever a thread raised
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 6 and os.listdir(tmp_path / "p") == [f"{out[0].key}.json"]
+    path = tmp_path / "p" / f"{out[0].key}.json"
+    for bad in ('{"lengths": "x", "verify_s": 1}', '{"lengths": [1, 2], "verify_s": [-1, 0.2]}', "[]",
+                '{"lengths": [1, 2], "verify_s": [NaN, 0.2]}', '{"lengths": [2, 1], "verify_s": [0.1, 0.2]}'):
+        path.write_text(bad)
+        assert load_costs(target, progress=False).verify_s == [0.1, 0.2]

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import platform
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -167,7 +168,7 @@ def load_costs(target, refresh: bool = False, progress: bool = True) -> CostProf
         print("measuring the target's verification cost on this machine (once; cached)...", flush=True)
     prof = measure_costs(target)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # two first runs at once each write their own
     with open(tmp, "w") as f:
         json.dump(asdict(prof), f, indent=2)
     os.replace(tmp, path)

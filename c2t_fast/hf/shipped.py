@@ -105,9 +105,14 @@ def _write_cache(model, tokenizer, d: str, dtype: torch.dtype) -> None:
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, _CACHE_MARKER), "w") as f:
             json.dump(_conversion_key(dtype), f)
-        if os.path.isdir(d):
-            shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        if os.path.isdir(d) and not _converted(d, dtype):
+            shutil.rmtree(d, ignore_errors=True)  # a damaged or stale cache
+        try:
+            os.replace(tmp, d)
+        except OSError:
+            if not _converted(d, dtype):  # not another process's complete conversion: a real failure
+                raise
+            # two first runs at once: the other one's conversion is in place (and maybe being read)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
