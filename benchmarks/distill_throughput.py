@@ -9,8 +9,10 @@
   ``--seconds`` (prefills of refilled slots included), reply tokens/s; once per ``--kv`` precision,
   and how many of the jobs both precisions finished came out token for token the same;
 - distill-data: ``training.distill.distill`` (transformers' ``generate()`` in length-sorted batches of
-  16, the settings of the shipped head's second run) on 32 first turns, reply tokens/s.
-Writes ``throughput.json`` and prints a table.
+  16, the settings of the shipped head's second run) on 32 first turns, reply tokens/s;
+- agreement: the greedy 128-token replies to ``--agreement-jobs`` held-out first turns with the cache in
+  fp32, fp16 and bf16: how many are token for token the fp32 cache's (the precision's cost in fidelity).
+Writes ``throughput.json`` and prints a table. ``--only agreement`` runs that part alone.
 """
 
 from __future__ import annotations
@@ -62,15 +64,23 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", default="float32,float16")
     ap.add_argument("--first-job", type=int, default=3000, help="ShareGPT training job to start from")
     ap.add_argument("--distill-prompts", type=int, default=32)
+    ap.add_argument("--agreement-jobs", type=int, default=56)
+    ap.add_argument("--only", choices=("all", "agreement"), default="all")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     model, tok = load_target(fast_linear=False)
     res = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    res["kv_agreement"] = agreement(model, tok, args.agreement_jobs)
+    print(f"KV precision agreement: {res['kv_agreement']}", flush=True)
+    if args.only == "agreement":
+        with open(os.path.join(args.out, "agreement.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        return 0
     res["prefill"] = prefill_bound(model)
     print(f"prefill bound: {res['prefill']}", flush=True)
     _, train = sharegpt_jobs()
     jobs = train[args.first_job:args.first_job + 4000]
-    gen, tokens = {}, {}
+    gen = {}
     for kv in args.kv.split(","):
         with tempfile.TemporaryDirectory() as d:
             cfg = GeneratorConfig(kv_dtype=kv)
@@ -79,13 +89,8 @@ def main(argv=None) -> int:
             s = meta["sessions"][-1]
             gen[kv] = {"reply_tokens_per_s": s["reply_tokens_per_s"], "seconds": s["seconds"], "jobs": meta["jobs"],
                        "linear": s["linear"], "slots": cfg.slots}
-            tokens[kv] = {r["job"]: r["tokens"].tolist() for r in stored_jobs(os.path.join(d, "data"), split=None)}
         print(f"generator kv={kv}: {gen[kv]}", flush=True)
     res["generator"] = gen
-    if len(tokens) == 2:
-        a, b = tokens.values()
-        both = sorted(set(a) & set(b))
-        res["kv_agreement"] = {"jobs_compared": len(both), "identical": sum(a[j] == b[j] for j in both)}
     from c2t_fast.training.distill import DistillConfig, distill
     from c2t_fast.hf.fast_linear import install_fast_linear
 
@@ -110,9 +115,28 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(res["table"])
-    if "kv_agreement" in res:
-        print("KV precision agreement:", res["kv_agreement"])
     return 0
+
+
+def agreement(model, tok, n: int) -> dict:
+    """Greedy replies (128 tokens) to ``n`` held-out first turns with each cache precision: identical ones."""
+    from c2t_fast.training.prompts import Job
+
+    held, _ = sharegpt_jobs()
+    jobs = [Job(j.kind, j.source_id, j.turns[:1], j.split) for j in held[:n]]
+    replies = {}
+    for kv in ("float32", "float16", "bfloat16"):
+        with tempfile.TemporaryDirectory() as d:
+            generate_data(model, tok, os.path.join(d, "x"), GeneratorConfig(slots=32, max_new_tokens=128, kv_dtype=kv,
+                                                                             magpie_prompts=0),
+                          jobs=jobs, capture=False, progress=False)
+            replies[kv] = {r["job"]: r["tokens"].tolist() for r in stored_jobs(os.path.join(d, "x"), split=None)}
+    ref = replies["float32"]
+    out = {"jobs": len(ref)}
+    for kv in ("float16", "bfloat16"):
+        same = sum(replies[kv].get(j) == t for j, t in ref.items())
+        out[kv] = {"identical_replies": same}
+    return out
 
 
 if __name__ == "__main__":

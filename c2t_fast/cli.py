@@ -86,6 +86,15 @@ def _add_source_flags(p, many: bool):
                                                                "own top-k at every verified node)")
 
 
+def _add_config_flags(p, defaults, fields, choices: dict | None = None):
+    """A flag per dataclass field, typed and defaulted by the dataclass (``--reply-tokens`` for reply_tokens;
+    a field defaulting to None takes an int)."""
+    for f in fields:
+        v = getattr(defaults, f)
+        p.add_argument("--" + f.replace("_", "-"), type=int if v is None else type(v), default=v,
+                       **({"choices": (choices or {})[f]} if f in (choices or {}) else {}))
+
+
 def _add_device_flag(p):
     p.add_argument("--device", default="auto", help="where the target and draft run: auto (the GPU when there is "
                                                      "one), cpu, cuda, cuda:1, ...")
@@ -506,10 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "the c2t_fast cache)")
     g.add_argument("--feature-budget-gb", type=float, default=25.0)
     g.add_argument("--no-features", action="store_true", help="token ids only")
-    defaults = GeneratorConfig()
-    for f in _GENERATOR_FLAGS:
-        v = getattr(defaults, f)
-        g.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    _add_config_flags(g, GeneratorConfig(), _GENERATOR_FLAGS)
     g.set_defaults(func=_generate_data)
 
     from .training.selfdistill_train import SelfDistillTrainConfig
@@ -521,12 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True)
     h.add_argument("--target", default="smollm2")
     h.add_argument("--features-dir", default=None, help="where the data set's features are (recomputed when missing)")
-    defaults = SelfDistillTrainConfig()
-    for f in _HEAD_FLAGS:
-        v = getattr(defaults, f)
-        kind = int if f == "reply_tokens" else type(v)
-        h.add_argument("--" + f.replace("_", "-"), type=kind, default=v,
-                       **({"choices": ("soft", "hard")} if f == "loss" else {"choices": (1, 2)} if f == "layers" else {}))
+    _add_config_flags(h, SelfDistillTrainConfig(), _HEAD_FLAGS, {"loss": ("soft", "hard"), "layers": (1, 2)})
     h.set_defaults(func=_train_head)
 
     ds = sub.add_parser("build-datastore", help="a datastore of the target's own replies (training-free draft "

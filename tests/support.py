@@ -84,6 +84,19 @@ def load_smollm2():
     return model, tok
 
 
+def tiny_smollm2_twin(layers: int = 2, seed: int = 0, hidden: int = 64):
+    """(a tiny random Llama over SmolLM2's vocabulary, SmolLM2's tokenizer): a target that chats through the
+    real chat template in a fraction of the time."""
+    import transformers
+
+    tok = load_smollm2()[1]
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval(), tok
+
+
 def tiny_extra_lm(family: str, seed: int = 0, vocab: int = 97):
     """Gemma-3 (QK-norm) and Phi-3 (fused qkv_proj) tiny random models."""
     import transformers

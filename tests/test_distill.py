@@ -9,7 +9,7 @@ import torch
 from c2t_fast.hf.adapter import encode_chat
 from c2t_fast.training import distill as distill_mod
 from c2t_fast.training.distill import DistillConfig, distill, distilled_sequences
-from support import load_smollm2
+from support import tiny_smollm2_twin
 
 PROMPTS = ["Say hello.", "Count to three.", "Name a colour.", "What is 2+2?", "Write a haiku about rain."]
 
@@ -17,13 +17,7 @@ PROMPTS = ["Say hello.", "Count to three.", "Name a colour.", "What is 2+2?", "W
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
-    import transformers
-
-    tok = load_smollm2()[1]
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model, tok = tiny_smollm2_twin(layers=2)
     path = tmp_path_factory.mktemp("target")
     model.save_pretrained(path)
     tok.save_pretrained(path)

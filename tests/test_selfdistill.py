@@ -16,7 +16,7 @@ from c2t_fast.training.feature_store import FeatureStore, job_features
 from c2t_fast.training.generator import GeneratorConfig
 from c2t_fast.training.prompts import Job, PromptFilter, interleave
 from c2t_fast.training.selfdistill import generate_data, stored_jobs
-from support import load_smollm2
+from support import tiny_smollm2_twin
 
 TURNS = [("Say hello.", "And goodbye?"), ("Count to three.",), ("Name a colour.", "Another one.", "And a third."),
          ("What is 2+2?",), ("Write a haiku about rain.", "Shorter.")]
@@ -25,13 +25,7 @@ TURNS = [("Say hello.", "And goodbye?"), ("Count to three.",), ("Name a colour."
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
-    import transformers
-
-    tok = load_smollm2()[1]
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model, tok = tiny_smollm2_twin(layers=4)
     path = tmp_path_factory.mktemp("target")
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -16,7 +16,7 @@ from c2t_fast.training.prompts import Job
 from c2t_fast.training.selfdistill import generate_data
 from c2t_fast.training.selfdistill_train import (SelfDistillData, SelfDistillTrainConfig, heldout_acceptance,
                                                  train_selfdistilled)
-from support import load_smollm2
+from support import load_smollm2, tiny_smollm2_twin
 
 WORDS = ["red", "blue", "one", "two", "cat", "dog", "sun", "rain", "yes", "no", "tree", "sea"]
 
@@ -24,13 +24,7 @@ WORDS = ["red", "blue", "one", "two", "cat", "dog", "sun", "rain", "yes", "no", 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A tiny random Llama (8 layers: features 2, 4, 5) with SmolLM2's tokenizer and its data set."""
-    import transformers
-
-    tok = load_smollm2()[1]
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=8,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model, tok = tiny_smollm2_twin(layers=8)
     g = torch.Generator().manual_seed(0)
     jobs = [Job("sharegpt", 1000 + i, (" ".join(WORDS[j] for j in torch.randint(0, 12, (4,), generator=g)),),
                 "heldout") for i in range(4)]

@@ -39,7 +39,8 @@ from ..kernels import ops
 LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -52,7 +53,7 @@ def _cpu_name() -> str:
 
 def _hardware(dev: torch.device) -> str:
     """The GPU's name, or the CPU's with the thread count torch uses."""
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()} x{torch.get_num_threads()}"
 
 
 def profile_key(model, device: torch.device) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..decoding.cost import cpu_name
 from ..hf import adapter as hf
 from ..hf.static_batch import StaticBatchLM
 from .feature_store import FeatureStore, _write_json
@@ -30,17 +30,6 @@ from .generator import Finished, GeneratorConfig, SlotScheduler
 from .prompts import Job, PromptFilter, interleave, sharegpt_jobs
 
 FORMAT = "c2t-selfdistill"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def default_features_dir(out_dir: str) -> str:
