@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from c2t_fast import ops
-from c2t_fast.hf.fast_linear import install_fast_linear, remove_fast_linear
+from c2t_fast.kernels.skinny_linear import install_fast_linear, remove_fast_linear
 
 PREFIX = 256
 TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         print(f"generator kv={kv}: {gen[kv]}", flush=True)
     res["generator"] = gen
     from c2t_fast.training.distill import DistillConfig, distill
-    from c2t_fast.hf.fast_linear import install_fast_linear
+    from c2t_fast.kernels.skinny_linear import install_fast_linear
 
     with tempfile.TemporaryDirectory() as d:
         install_fast_linear(model)  # as `c2t-fast distill-data` ran (load_target routes by default)

@@ -2,7 +2,7 @@
 checkout; prints one JSON line (median ms per step after prefill, tau).
 
 Usage (alternate the two sides in fresh processes on an idle machine):
-    git worktree add /tmp/before <commit>; cp c2t_fast/_C*.so /tmp/before/c2t_fast/   (+ wisca_fast, triton_kernels)
+    git worktree add /tmp/before <commit>; cp c2t_fast/_C*.so /tmp/before/c2t_fast/   (+ wisca_fast)
     for i in 1 2; do PYTHONPATH=/tmp/before python benchmarks/engine_step_ab.py
                      PYTHONPATH=$PWD python benchmarks/engine_step_ab.py; done
 Works with the layout before #14 (c2t_fast.engine, ...) and after it (c2t_fast.decoding.engine, ...).

@@ -22,7 +22,7 @@ from .decoding.defaults import make_strategy  # noqa: F401  (c2t_fast.bench.make
 from .decoding.loading import load_draft, load_sources
 from .decoding.strategies import STRATEGIES, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
-from .hf.fast_linear import stock_linear
+from .kernels.skinny_linear import stock_linear
 from .hf.loading import load_target
 
 # rows that run the target's own generate(): plain decoding and prompt lookup on the target as loaded (its

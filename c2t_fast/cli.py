@@ -130,7 +130,7 @@ def _generate(args) -> int:
     from .decoding.loading import load_draft, load_sources
     from .decoding.metrics import Metrics
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
-    from .hf.fast_linear import fast_linear_installed
+    from .kernels.skinny_linear import fast_linear_installed
     from .hf.loading import load_target
 
     target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)

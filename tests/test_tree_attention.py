@@ -6,7 +6,8 @@ import torch
 
 import c2t_fast
 from c2t_fast import reference as ref
-from c2t_fast.triton_kernels.tree_attention import tree_attention as triton_tree_attention
+from c2t_fast.kernels import tree_attention as tree_attention_family
+from c2t_fast.kernels.triton.tree_attention import tree_attention as triton_tree_attention
 from support import random_parents
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -43,7 +44,7 @@ def test_cpu_path_matches_reference(shape, dtype, layout, single_pass, poison):
     for seed in range(2):
         q, k, v, bits = _case(B, Hq, Hkv, T, D, P, dtype, seed, layout, per_row=seed == 1)
         poison("cpu")
-        out = c2t_fast.ops._tree_attention_cpu(q, k, v, bits, P, D ** -0.5, single_pass=single_pass)
+        out = tree_attention_family._tree_attention_cpu(q, k, v, bits, P, D ** -0.5, single_pass=single_pass)
         want = ref.tree_attention(q, k, v, bits, P, D ** -0.5)
         assert out.shape == (B, T, Hq, D) and out.dtype == dtype and out.is_contiguous()
         torch.testing.assert_close(out.float(), want.float(), rtol=TOL[dtype][0], atol=TOL[dtype][1])

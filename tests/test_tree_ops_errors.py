@@ -8,6 +8,7 @@ import torch
 import c2t_fast
 from c2t_fast import ops as c2t_ops
 from c2t_fast import reference as ref
+from c2t_fast.kernels import library, tree_ops
 
 I32 = torch.int32
 
@@ -137,9 +138,9 @@ def test_cuda_fallback_is_explicit_and_logged_once(caplog):
     is exercised on CPU tensors here; which ops got it is recorded at import."""
     if c2t_ops.cuda_kernels_compiled():
         pytest.skip("this build has the CUDA kernels; no fallback is registered")
-    assert not any(c2t_ops.has_cuda_kernel(n) for n in c2t_ops._OPS)
-    run = c2t_ops._fallback("build_tree")
-    c2t_ops._warned.discard("build_tree")
+    assert not any(c2t_ops.has_cuda_kernel(n) for n in library.TREE_OPS)
+    run = tree_ops._fallback("build_tree")
+    library._warned.discard("build_tree")
     with caplog.at_level(logging.WARNING, logger="c2t_fast"):
         out1 = run(p32(-1, 0, 0), 3)
         run(p32(-1, 0), 3)

@@ -11,8 +11,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from c2t_fast.triton_kernels import score_children as sc  # noqa: E402
-from c2t_fast.triton_kernels import tree_attention as ta  # noqa: E402
+from c2t_fast.kernels.triton import score_children as sc  # noqa: E402
+from c2t_fast.kernels.triton import tree_attention as ta  # noqa: E402
 
 
 def _sig(pointers: dict, ints: list, floats: list, consts: dict) -> dict:

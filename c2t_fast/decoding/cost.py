@@ -60,7 +60,7 @@ def profile_key(model, device: torch.device) -> str:
     """What the costs depend on: the model's config, dtype, device (and which GPU or CPU), threads,
     torch version, and whether its linear layers run through the skinny kernel."""
     from ..hf.adapter import text_config
-    from ..hf.fast_linear import fast_linear_installed
+    from ..kernels.skinny_linear import fast_linear_installed
 
     cfg = text_config(model).to_dict() if hasattr(text_config(model), "to_dict") else vars(text_config(model))
     dtype = str(next(model.parameters()).dtype)

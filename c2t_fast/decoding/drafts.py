@@ -20,7 +20,7 @@ from torch import nn
 
 from ..hf import adapter as hf
 from ..hf import layers as hf_layers
-from ..hf.fast_linear import few_row_linear, is_routed
+from ..kernels.skinny_linear import few_row_linear, is_routed
 
 
 def read_config(path: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..hf.adapter import device_of, vocab_size
-from ..hf.fast_linear import fast_linear_installed, install_fast_linear
+from ..kernels.skinny_linear import fast_linear_installed, install_fast_linear
 from ..hf.loading import load_causal_lm
 
 DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",

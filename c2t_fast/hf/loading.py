@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .fast_linear import install_fast_linear, remove_fast_linear
+from ..kernels.skinny_linear import install_fast_linear, remove_fast_linear
 
 
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):

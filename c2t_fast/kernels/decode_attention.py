@@ -1,18 +1,16 @@
 """decode_attention: one new token per sequence attending its own cached keys, for batched decoding on
 the CPU (the self-distillation generator's ``hf.static_batch``). C++ kernel in
-``csrc/c2t/decode_attention_cpu.cpp`` (schema there); this module holds its argument checks, fake
+``csrc/c2t/decode_attention_cpu.cpp`` (schema in ``csrc/c2t/ops.cpp``); this module holds its argument checks, fake
 kernel and the explicit CUDA fallback (the reference, logged once: on a GPU the generator uses SDPA)."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from . import reference
-
-log = logging.getLogger("c2t_fast")
+from .library import IMPL, warn_fallback
 
 MAX_GROUP = 16  # query heads per KV head (the kernel's register budget)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,23 +50,15 @@ def _fake(q, k, v, lengths, scale):
     return q.new_empty(q.shape)
 
 
-_warned = False
-
-
 def _cuda_fallback(q, k, v, lengths, scale):
-    global _warned
     check(q, k, v, lengths, scale)
-    if not _warned:
-        _warned = True
-        log.warning("c2t_fast::decode_attention has no CUDA kernel; running the pure-torch reference on the GPU "
-                    "(hf.static_batch uses SDPA there)")
+    warn_fallback("decode_attention", "there is no CUDA kernel of this op; hf.static_batch uses SDPA on a GPU")
     if bool(((lengths < 1) | (lengths > k.shape[2])).any()):
         raise ValueError(f"decode_attention: every length must be in 1..{k.shape[2]}")
     return reference.decode_attention(q, k, v, lengths, scale)
 
 
-_lib = torch.library.Library("c2t_fast", "IMPL")
-_lib.impl("decode_attention", _cuda_fallback, "CUDA")
+IMPL.impl("decode_attention", _cuda_fallback, "CUDA")
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,

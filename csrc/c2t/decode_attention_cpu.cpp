@@ -384,8 +384,5 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 
 }  // namespace c2t_fast
 
-TORCH_LIBRARY_FRAGMENT(c2t_fast, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
-}
-
+// Schema in ops.cpp.
 TORCH_LIBRARY_IMPL(c2t_fast, CPU, m) { m.impl("decode_attention", &c2t_fast::decode_attention_cpu); }

@@ -1,5 +1,7 @@
-// Operator schemas of c2t_fast and their CPU kernels. The CUDA kernels register in
-// tree_ops_cuda.cpp (built only with a CUDA toolchain); fake kernels live in c2t_fast/ops.py.
+// Every operator schema of c2t_fast, in one place, and the tree ops' CPU kernels. The other C++ kernels
+// register beside their code (score_tail_cpu.cpp, skinny_linear_cpu.cpp, decode_attention_cpu.cpp), the
+// tree ops' CUDA kernels in tree_ops_cuda.cpp (built only with a CUDA toolchain); the Python kernels
+// (Triton launchers, CPU composites, CUDA fallbacks) and every fake kernel in c2t_fast/kernels/<family>.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -28,6 +30,17 @@ TORCH_LIBRARY(c2t_fast, m) {
   m.def("verify_sample(Tensor tokens, Tensor parents, Tensor probs, Tensor uniforms) -> "
         "(Tensor path, Tensor bonus)");
   m.def("compact_kv(Tensor(a!)[] caches, int prefix_len, Tensor accepted) -> ()");
+  // kernels/tree_attention.py: a CPU composite and the Triton kernel, both in Python
+  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor ancestor_bits, int prefix_len, float scale) -> Tensor");
+  // kernels/score_children.py: Triton on CUDA; on the CPU log_softmax then the fused per-row tail below
+  m.def("score_children(Tensor logits, Tensor top_values, Tensor top_indices, Tensor parent_logp, int depth, "
+        "int k, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float beta, bool log_p) -> (Tensor confidence, "
+        "Tensor keep, Tensor tokens, Tensor child_logp, Tensor entropy)");
+  m.def("_score_tail(Tensor top_values, Tensor top_indices, Tensor lse, Tensor parent_logp, float depth, int k, "
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float beta, bool log_p) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(c2t_fast, CPU, m) {

@@ -44,7 +44,7 @@ void tail_rows(const scalar_t* tv, const int64_t* ti, const float* lse, const fl
   });
 }
 
-// score_children (c2t_fast/ops.py) validates its own arguments before calling this, but the op is
+// score_children (c2t_fast/kernels/score_children.py) validates its own arguments before calling this, but the op is
 // registered and so callable by anyone: it checks everything it reads, in the same terms.
 void check_score_tail_args(const at::Tensor& top_values, const at::Tensor& top_indices, const at::Tensor& lse,
                            const at::Tensor& parent_logp, int64_t k, const at::Tensor& w1, const at::Tensor& b1,
@@ -103,12 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_tai
 }  // namespace
 }  // namespace c2t_fast
 
-TORCH_LIBRARY_FRAGMENT(c2t_fast, m) {
-  m.def("_score_tail(Tensor top_values, Tensor top_indices, Tensor lse, Tensor parent_logp, float depth, int k, "
-        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float beta, bool log_p) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
+// Schema in ops.cpp.
 TORCH_LIBRARY_IMPL(c2t_fast, CPU, m) {
   m.impl("_score_tail", &c2t_fast::score_tail_cpu);
 }

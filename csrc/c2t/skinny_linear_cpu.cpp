@@ -202,9 +202,6 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 
 }  // namespace c2t_fast
 
-TORCH_LIBRARY_FRAGMENT(c2t_fast, m) {
-  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
-}
-
+// Schema in ops.cpp.
 TORCH_LIBRARY_IMPL(c2t_fast, CPU, m) { m.impl("skinny_linear", &c2t_fast::skinny_linear_cpu); }
 
