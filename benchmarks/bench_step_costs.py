@@ -57,7 +57,7 @@ def smollm2():
     from transformers import DynamicCache
 
     from c2t_fast import patch, unpatch
-    from c2t_fast.decoding.loading import load_draft
+    from c2t_fast.decoding.drafts.loading import load_draft
     from support import load_smollm2
 
     model, _ = load_smollm2()

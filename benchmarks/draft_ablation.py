@@ -36,8 +36,8 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="PNG: acceptance of the 1st, 2nd and 3rd drafted token per head")
     args = p.parse_args()
 
-    from c2t_fast.decoding.hub_heads import eagle3_feature_layers
-    from c2t_fast.decoding.loading import DEFAULT_DRAFT_DIR, load_draft
+    from c2t_fast.decoding.drafts import eagle3_feature_layers
+    from c2t_fast.decoding.drafts.loading import DEFAULT_DRAFT_DIR, load_draft
     from c2t_fast.hf.adapter import text_config
     from c2t_fast.hf.loading import load_target
     from c2t_fast.training.distill import distilled_sequences

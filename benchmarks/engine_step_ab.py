@@ -17,7 +17,8 @@ MT_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", 
                         "mt_bench.jsonl")
 if os.path.isdir(os.path.join(os.path.dirname(c2t_fast.__file__), "hf")):
     from c2t_fast.hf.loading import load_target
-    from c2t_fast.decoding.loading import load_draft, load_classifier
+    from c2t_fast.decoding.classifier import load_classifier
+    from c2t_fast.decoding.drafts.loading import load_draft
     from c2t_fast.decoding.strategies import C2T, Chain
     from c2t_fast.decoding.engine import SpeculativeGenerator
     side = "after"

@@ -32,7 +32,7 @@ mark("weights + tokenizer (load_target)")
 from c2t_fast.hf.adapter import chat_stop_ids, encode_chat
 ids = encode_chat(tok, "Say hello.")
 mark("chat encoding")
-from c2t_fast.decoding.loading import load_draft
+from c2t_fast.decoding.drafts.loading import load_draft
 draft = load_draft(None, model)
 mark("draft head")
 from c2t_fast.decoding.defaults import make_strategy

@@ -12,7 +12,8 @@ from .decoding.classifier import C2TClassifier, ClassifierConfig
 from .decoding.drafts import DraftLM, DraftProtocol, EagleDraftHead
 from .decoding.engine import Generation, SpeculativeGenerator
 from .decoding.front_door import generate
-from .decoding.loading import load_classifier, load_draft
+from .decoding.classifier import load_classifier
+from .decoding.drafts.loading import load_draft
 from .decoding.metrics import Metrics
 from .decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static, Strategy, strategy_from_name
 from .hf.adapter import logits_processors

@@ -19,7 +19,7 @@ import torch
 from .decoding.engine import SpeculativeGenerator
 from .decoding import defaults
 from .decoding.defaults import make_strategy  # noqa: F401  (c2t_fast.bench.make_strategy, as before)
-from .decoding.loading import load_draft, load_sources
+from .decoding.drafts.loading import load_draft, load_sources
 from .decoding.strategies import STRATEGIES, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
 from .kernels.skinny_linear import stock_linear

@@ -127,7 +127,7 @@ def _generate(args) -> int:
 
     from .decoding.defaults import make_strategy
     from .decoding.engine import SpeculativeGenerator
-    from .decoding.loading import load_draft, load_sources
+    from .decoding.drafts.loading import load_draft, load_sources
     from .decoding.metrics import Metrics
     from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from .kernels.skinny_linear import fast_linear_installed
@@ -207,7 +207,7 @@ def _bench(args) -> int:
 
 
 def _collect_trees(args) -> int:
-    from .decoding.loading import load_draft
+    from .decoding.drafts.loading import load_draft
     from .hf.loading import load_target
     from .training.tree_dataset import collect_trees
 
@@ -235,7 +235,7 @@ def _head_dir(spec: str | None) -> str | None:
     """A head directory, 'default' naming the shipped head."""
     if spec != "default":
         return spec
-    from .decoding.loading import DEFAULT_DRAFT_DIR
+    from .decoding.drafts.loading import DEFAULT_DRAFT_DIR
 
     return DEFAULT_DRAFT_DIR
 
@@ -262,7 +262,7 @@ def _train_draft(args) -> int:
         sequences = encode_conversations(tok, sharegpt_conversations(limit=args.conversations), args.max_len)
     layers = None
     if args.head == "eagle3":
-        from .decoding.hub_heads import eagle3_feature_layers
+        from .decoding.drafts import eagle3_feature_layers
 
         layers = eagle3_feature_layers(text_config(target).num_hidden_layers)
     elif os.path.isfile(os.path.join(cache, "meta.json")):  # an EAGLE-3 cache serves an EAGLE-1 head too

@@ -15,7 +15,7 @@ from c2t_fast.decoding import cost
 from c2t_fast.decoding.cost import Calibrator, CostProfile, CostRule, load_costs, measure_costs
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.ngram import NgramLookup
+from c2t_fast.decoding.drafts.ngram import NgramLookup
 from c2t_fast.decoding.strategies import Chain, Eagle2
 from c2t_fast.hf.attention import is_patched
 from support import tiny_causal_lm, tiny_strategies, two_token_law

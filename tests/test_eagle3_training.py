@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from c2t_fast.decoding.drafts import EagleDraftHead
-from c2t_fast.decoding.hub_heads import Eagle3DraftHead, eagle3_feature_layers
-from c2t_fast.decoding.loading import load_draft
+from c2t_fast.decoding.drafts import Eagle3DraftHead, eagle3_feature_layers
+from c2t_fast.decoding.drafts.loading import load_draft
 from c2t_fast.hf.adapter import TargetAdapter
 from c2t_fast.training.draft_head import cache_hidden_states
 from c2t_fast.training.eagle3_head import (Eagle3TrainConfig, chain_acceptance, draft_vocabulary, new_eagle3_head,

@@ -8,7 +8,7 @@ import torch
 from c2t_fast import ops
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.ngram import NgramLookup
+from c2t_fast.decoding.drafts.ngram import NgramLookup
 from support import tiny_causal_lm, tiny_strategies
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +48,7 @@ def test_engine_on_cuda_is_lossless(family, draft_kind, strategy):
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_published_heads_and_the_generate_front_door_on_cuda(tmp_path, kind):
     import c2t_fast
-    from c2t_fast.decoding.loading import load_draft
+    from c2t_fast.decoding.drafts.loading import load_draft
     from test_hub_heads import write_eagle1, write_eagle3
 
     target = tiny_causal_lm("llama", 6, 2, seed=1, layers=6).cuda()
@@ -74,8 +74,8 @@ def test_cost_rule_and_a_trained_eagle3_head_on_cuda(tmp_path, monkeypatch, stra
     """budget="auto" measures the verification cost on the GPU (synchronised timings, cached), cuts the
     trees there and runs plain steps; an EAGLE-3 head in our saved layout, loaded onto the GPU, drafts."""
     from c2t_fast.decoding.cost import CostRule, load_costs
-    from c2t_fast.decoding.hub_heads import eagle3_feature_layers
-    from c2t_fast.decoding.loading import load_draft
+    from c2t_fast.decoding.drafts import eagle3_feature_layers
+    from c2t_fast.decoding.drafts.loading import load_draft
     from c2t_fast.training.eagle3_head import new_eagle3_head
 
     monkeypatch.setenv("C2T_FAST_CACHE", str(tmp_path))

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.hub_heads import Eagle3DraftHead, head_format
-from c2t_fast.decoding.loading import load_draft
+from c2t_fast.decoding.drafts.hub import Eagle3DraftHead, head_format
+from c2t_fast.decoding.drafts.loading import load_draft
 from c2t_fast.decoding.strategies import C2T, Chain, Eagle2
 from c2t_fast.hf.adapter import TargetAdapter
 from support import tiny_causal_lm

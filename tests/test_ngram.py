@@ -10,8 +10,8 @@ from scipy.stats import chisquare
 
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.ngram import NgramLookup
-from c2t_fast.decoding.sources import NGRAM, Proposal, StepTree
+from c2t_fast.decoding.drafts.ngram import NgramLookup
+from c2t_fast.decoding.drafts.sources import NGRAM, Proposal, StepTree
 from c2t_fast.decoding.strategies import Eagle2
 from c2t_fast.kernels import ops
 from c2t_fast.training.tree_dataset import TreeRecorder

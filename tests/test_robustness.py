@@ -441,7 +441,7 @@ def _assert_user_error(proc, *needles):
 
 
 def test_draft_head_loading_errors_name_the_file(tmp_path):
-    from c2t_fast.decoding.loading import load_draft
+    from c2t_fast.decoding.drafts.loading import load_draft
 
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     head = EagleDraftHead(target.config).attach(target)

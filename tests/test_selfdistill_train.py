@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from c2t_fast.decoding.hub_heads import Eagle3DraftHead
-from c2t_fast.decoding.loading import load_draft
+from c2t_fast.decoding.drafts import Eagle3DraftHead
+from c2t_fast.decoding.drafts.loading import load_draft
 from c2t_fast.training.generator import GeneratorConfig
 from c2t_fast.training.prompts import Job
 from c2t_fast.training.selfdistill import generate_data

@@ -12,7 +12,7 @@ from c2t_fast.decoding.classifier import C2TClassifier
 from c2t_fast.training.draft_head import evaluate_draft
 from c2t_fast.decoding.drafts import EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.loading import DEFAULT_DRAFT_DIR, load_draft
+from c2t_fast.decoding.drafts.loading import DEFAULT_DRAFT_DIR, load_draft
 from c2t_fast.decoding.strategies import C2T
 
 

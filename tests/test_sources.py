@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from c2t_fast.decoding.datastore import SEP, Datastore, load_datastore
+from c2t_fast.decoding.drafts.datastore import SEP, Datastore, load_datastore
 from c2t_fast.decoding.drafts import DraftLM
 from c2t_fast.decoding.engine import SpeculativeGenerator
-from c2t_fast.decoding.recycling import RecyclingTable
+from c2t_fast.decoding.drafts.recycling import RecyclingTable
 from c2t_fast.decoding.strategies import Eagle2
 from support import tiny_causal_lm, tiny_strategies, two_token_law
 

@@ -25,7 +25,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from c2t_fast.decoding.engine import Metrics, SpeculativeGenerator
-    from c2t_fast.decoding.loading import load_classifier, load_draft
+    from c2t_fast.decoding.classifier import load_classifier
+from c2t_fast.decoding.drafts.loading import load_draft
     from c2t_fast.hf.loading import load_target
     from c2t_fast.decoding.strategies import C2T, Eagle2
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from c2t_fast.bench import PROMPT_LOOKUP_TOKENS, read_prompts  # noqa: E402
 from c2t_fast.decoding.engine import SpeculativeGenerator  # noqa: E402
-from c2t_fast.decoding.loading import load_draft, load_sources  # noqa: E402
+from c2t_fast.decoding.drafts.loading import load_draft, load_sources  # noqa: E402
 from c2t_fast.hf.adapter import TargetAdapter, chat_stop_ids, encode_chat  # noqa: E402
 from c2t_fast.hf.loading import load_target  # noqa: E402
 

@@ -112,3 +112,8 @@ class C2TClassifier(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # Tree dataset
+
+
+def load_classifier(spec: str | None):
+    """The classifier in directory ``spec`` (None: the shipped one)."""
+    return C2TClassifier.from_pretrained(spec)

@@ -33,7 +33,7 @@ def is_default_setting(strategy: str, setting: dict) -> bool:
 def make_strategy(name: str = STRATEGY, classifier_path: str | None = None, params: dict | None = None):
     """Strategy ``name`` with those of ``params`` it takes (None values ignored); the classifier strategies
     load ``classifier_path`` (None: the shipped classifier)."""
-    from .loading import load_classifier
+    from .classifier import load_classifier
     from .strategies import CLASSIFIER_STRATEGIES, strategy_from_name, strategy_parameters
 
     own = strategy_parameters(name)
@@ -45,7 +45,7 @@ def make_strategy(name: str = STRATEGY, classifier_path: str | None = None, para
 def resolve_ngram(ngram, recording: bool = False):
     """An ``NgramLookup`` or None from ``DEFAULT`` (None while recording classifier trees), None, a token
     count (0: none) or an ``NgramLookup``."""
-    from .ngram import NgramLookup
+    from .drafts.ngram import NgramLookup
 
     if isinstance(ngram, str) and ngram == DEFAULT:
         return None if recording else NgramLookup(num_tokens=NGRAM_TOKENS)
@@ -53,7 +53,7 @@ def resolve_ngram(ngram, recording: bool = False):
         return ngram
     if isinstance(ngram, int) and not isinstance(ngram, bool) and ngram >= 0:
         return NgramLookup(num_tokens=ngram) if ngram else None
-    raise TypeError(f"ngram must be 'default', None, a token count >= 0 or a c2t_fast.decoding.ngram.NgramLookup, "
+    raise TypeError(f"ngram must be 'default', None, a token count >= 0 or a c2t_fast.decoding.drafts.ngram.NgramLookup, "
                     f"got {ngram!r}")
 
 

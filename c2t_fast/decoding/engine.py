@@ -23,9 +23,9 @@ from . import defaults
 from .cost import CostRule, load_costs
 from .drafts import DraftProtocol
 from .metrics import Generation, Metrics
-from .datastore import Datastore
-from .recycling import RecyclingTable
-from .sources import NGRAM, SOURCE_NAMES, DatastoreSource, NgramSource, RecyclingSource, StepTree
+from .drafts.datastore import Datastore
+from .drafts.recycling import RecyclingTable
+from .drafts.sources import NGRAM, SOURCE_NAMES, DatastoreSource, NgramSource, RecyclingSource, StepTree
 from .processors import TreeProcessor
 from .strategies import Strategy
 from .tree import TreeDrafter
@@ -62,7 +62,7 @@ class SpeculativeGenerator:
         ngram = defaults.resolve_ngram(ngram, recording=recorder is not None)
         budget = defaults.resolve_budget(budget, recording=recorder is not None)
         if datastore is not None and not isinstance(datastore, Datastore):
-            raise TypeError(f"datastore must be a c2t_fast.decoding.datastore.Datastore or None, got "
+            raise TypeError(f"datastore must be a c2t_fast.decoding.drafts.datastore.Datastore or None, got "
                             f"{type(datastore).__name__}")
         if recycling is True:
             from ..hf.adapter import vocab_size

@@ -15,7 +15,7 @@ from ..hf.adapter import generation_settings
 from ..hf.shipped import is_shipped_target
 from . import defaults
 from .engine import SpeculativeGenerator
-from .loading import load_draft
+from .drafts.loading import load_draft
 
 
 def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,

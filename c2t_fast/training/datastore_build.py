@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ..decoding.datastore import SEP
+from ..decoding.drafts.datastore import SEP
 
 
 def build_datastore(out_dir: str, data_dirs: tuple = (), distilled_dirs: tuple = (), max_tokens: int = 8_000_000) -> dict:

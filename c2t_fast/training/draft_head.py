@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..decoding.drafts import EagleDraftHead
 from ..hf.adapter import TargetAdapter, decoder_of, encode_chat, text_config
+from .head_config import HeadTrainConfig
 
 
 def encode_conversations(tokenizer, conversations: Iterable[list[dict]], max_len: int) -> Iterator[torch.Tensor]:
@@ -110,15 +111,8 @@ def cache_hidden_states(target, sequences: Iterable, cache_dir: str, token_budge
 
 
 @dataclass
-class DraftTrainConfig:
-    epochs: int = 2
-    lr: float = 1e-3
-    warmup: int = 20  # optimizer steps of linear warm-up, then cosine decay to lr / 10
+class DraftTrainConfig(HeadTrainConfig):
     weight_cls: float = 0.1
-    grad_clip: float = 0.5
-    accumulate: int = 4  # sequences per optimizer step
-    save_every: int = 50  # optimizer steps between checkpoints
-    seed: int = 0
     init_from_target: bool = False  # decoder layer from the target's last layer
     fc_identity: bool = True  # fc starts as the projection onto the feature half
     val_fraction: float = 0.05  # cached sequences held out for the validation top-1

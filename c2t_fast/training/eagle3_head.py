@@ -1,7 +1,7 @@
 """Training of an EAGLE-3-style draft head (arXiv:2503.01840) on the target's own outputs, on the CPU,
 resumable.
 
-The head (``decoding.hub_heads.Eagle3DraftHead``, saved in the published EAGLE-3 layout with
+The head (``decoding.drafts.hub.Eagle3DraftHead``, saved in the published EAGLE-3 layout with
 ``draft_type: "eagle3"``): ``fc`` fuses the residual streams entering three target layers (low, middle,
 high: 2, N/2, N-3), one decoder layer reads [normed token embedding; normed fused feature], its own final
 norm and LM head over a draft vocabulary (the most frequent ids of the training replies) mapped to target
@@ -29,22 +29,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..decoding.hub_heads import Eagle3DraftHead, eagle3_feature_layers
+from ..decoding.drafts import Eagle3DraftHead, eagle3_feature_layers
 from ..hf import adapter as hf
 from ..hf import layers as hf_layers
 from .draft_head import finish_training, load_cached, split_validation, train_loop
+from .head_config import HeadTrainConfig
 from .unrolled import chain_acceptance, chain_targets, unrolled_logits
 
 
 @dataclass
-class Eagle3TrainConfig:
-    epochs: int = 2
-    lr: float = 1e-3
-    warmup: int = 20  # optimizer steps of linear warm-up, then cosine decay to lr / 10
-    grad_clip: float = 0.5
-    accumulate: int = 4  # sequences per optimizer step
-    save_every: int = 50  # optimizer steps between checkpoints
-    seed: int = 0
+class Eagle3TrainConfig(HeadTrainConfig):
     steps: int = 3  # training-time test unroll
     step_decay: float = 0.8  # weight of step i: decay ** i
     draft_vocab: int = 8192  # ids in the head's vocabulary (the most frequent of the trained tokens)
@@ -53,13 +47,14 @@ class Eagle3TrainConfig:
     probe_init: bool = True  # fc starts as a least-squares probe of the target's last hidden state
 
     def validate(self) -> None:
+        super().validate()
         if self.eval_every < 0:
             raise ValueError(f"Eagle3TrainConfig.eval_every must be >= 0, got {self.eval_every}")
-        for name in ("epochs", "accumulate", "save_every", "steps", "draft_vocab"):
+        for name in ("steps", "draft_vocab"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Eagle3TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.step_decay <= 1 or not 0 <= self.val_fraction < 1 or self.lr <= 0:
-            raise ValueError("Eagle3TrainConfig: step_decay in (0, 1], val_fraction in [0, 1), lr > 0")
+        if not 0 < self.step_decay <= 1 or not 0 <= self.val_fraction < 1:
+            raise ValueError("Eagle3TrainConfig: step_decay in (0, 1], val_fraction in [0, 1)")
 
 
 def new_eagle3_head(target, vocab_ids: torch.Tensor, feature_layers: tuple | None = None,

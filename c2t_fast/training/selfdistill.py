@@ -266,7 +266,7 @@ def generate_data(target, tokenizer, out_dir: str, config: GeneratorConfig | Non
     store = DataStore(out_dir, cfg, vocab)
     if store.meta["reply_tokens"] >= reply_tokens:
         return store.meta
-    from ..decoding.hub_heads import eagle3_feature_layers
+    from ..decoding.drafts import eagle3_feature_layers
 
     n_layers = hf.text_config(target).num_hidden_layers
     layers = eagle3_feature_layers(n_layers)

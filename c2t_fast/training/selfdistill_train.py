@@ -19,26 +19,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..decoding.hub_heads import eagle3_feature_layers
+from ..decoding.drafts import eagle3_feature_layers
 from ..hf import adapter as hf
 from ..hf.static_batch import StaticBatchLM
 from .draft_head import finish_training, train_loop
 from .eagle3_head import new_eagle3_head, plot_history, probe_init
 from .feature_store import FeatureStore, job_features
+from .head_config import HeadTrainConfig
 from .selfdistill import default_features_dir
 from .unrolled import unrolled_logits
 
 
 @dataclass
-class SelfDistillTrainConfig:
-    reply_tokens: int | None = None  # train on the data set's first N training reply tokens (None: all)
+class SelfDistillTrainConfig(HeadTrainConfig):
     epochs: int = 1
-    lr: float = 1e-3
     warmup: int = 50
-    grad_clip: float = 0.5
     accumulate: int = 8  # jobs (conversations) per optimizer step
-    save_every: int = 50
-    seed: int = 0
+    reply_tokens: int | None = None  # train on the data set's first N training reply tokens (None: all)
     steps: int = 3  # training-time-test unroll
     step_decay: float = 0.8
     draft_vocab: int = 16384
@@ -52,13 +49,14 @@ class SelfDistillTrainConfig:
             raise ValueError(f"SelfDistillTrainConfig.loss must be 'soft' or 'hard', got {self.loss!r}")
         if self.layers not in (1, 2):
             raise ValueError(f"SelfDistillTrainConfig.layers must be 1 or 2, got {self.layers}")
-        for name in ("epochs", "accumulate", "save_every", "steps", "draft_vocab", "heldout_jobs"):
+        super().validate()
+        for name in ("steps", "draft_vocab", "heldout_jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SelfDistillTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.reply_tokens is not None and self.reply_tokens < 1:
             raise ValueError("SelfDistillTrainConfig.reply_tokens must be >= 1 or None")
-        if not 0 < self.step_decay <= 1 or self.lr <= 0:
-            raise ValueError("SelfDistillTrainConfig: step_decay in (0, 1], lr > 0")
+        if not 0 < self.step_decay <= 1:
+            raise ValueError("SelfDistillTrainConfig: step_decay in (0, 1]")
 
 
 class SelfDistillData:

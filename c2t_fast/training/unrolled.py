@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding.hub_heads import Eagle3DraftHead
+from ..decoding.drafts import Eagle3DraftHead
 from ..hf import adapter as hf
 
 

@@ -1,20 +1,20 @@
-"""Loading drafts and classifiers from command-line style specifications."""
+"""Loading drafts and the training-free sources from command-line style specifications."""
 
 from __future__ import annotations
 
 import os
 
-from ..hf.adapter import device_of, vocab_size
-from ..kernels.skinny_linear import fast_linear_installed, install_fast_linear
-from ..hf.loading import load_causal_lm
+from ...hf.adapter import device_of, vocab_size
+from ...hf.loading import load_causal_lm
+from ...kernels.skinny_linear import fast_linear_installed, install_fast_linear
 
-DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
-                                 "draft_smollm2")
+DEFAULT_DRAFT_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "data",
+                                                 "draft_smollm2"))
 
 
 def load_draft(spec: str | None, target, full_vocab: bool = False):
     """A draft for ``target`` (see ``_load_draft``), on the target's device; when the target's linear
-    layers run through the skinny kernel (``hf.fast_linear``), the draft's do too. ``"none"``: no draft
+    layers run through the skinny kernel (``kernels.skinny_linear``), the draft's do too. ``"none"``: no draft
     (None: the training-free sources alone draft)."""
     if spec == "none":
         return None
@@ -26,10 +26,12 @@ def load_draft(spec: str | None, target, full_vocab: bool = False):
 
 def _load_draft(spec: str | None, target, full_vocab: bool = False):
     """A draft for ``target``: a directory written by EagleDraftHead.save_pretrained, a published EAGLE-1/2
-    or EAGLE-3 head (``decoding.hub_heads``), a local HF causal LM directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up).
+    or EAGLE-3 head (``drafts.hub``), a local HF causal LM directory, or "self" (the target drafts for itself: lossless, high acceptance, no speed-up).
     ``full_vocab``: a head saved with a restricted draft vocabulary drafts over the whole vocabulary."""
-    from .drafts import DraftLM, EagleDraftHead, read_config
-    from .hub_heads import load_hub_head
+    from .base import read_config
+    from .causal_lm import DraftLM
+    from .heads import EagleDraftHead
+    from .hub import load_hub_head
 
     if spec is None:
         if not os.path.isfile(os.path.join(DEFAULT_DRAFT_DIR, "config.json")):
@@ -45,13 +47,6 @@ def _load_draft(spec: str | None, target, full_vocab: bool = False):
         return EagleDraftHead.from_pretrained(spec, target, full_vocab=full_vocab)
     head = load_hub_head(spec, target)  # a published EAGLE-1/2/3 head: never a causal LM with new weights
     return head if head is not None else DraftLM(load_causal_lm(spec))
-
-
-def load_classifier(spec: str | None):
-    """The classifier in directory ``spec`` (None: the shipped one)."""
-    from .classifier import C2TClassifier
-
-    return C2TClassifier.from_pretrained(spec)
 
 
 def load_sources(datastore: str | None, recycling: bool, target) -> dict:

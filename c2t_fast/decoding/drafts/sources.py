@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import ops
+from ...kernels import ops
 from .datastore import Datastore
 from .ngram import NgramLookup
 from .recycling import RecyclingTable

@@ -140,7 +140,7 @@ def _trie(cont: np.ndarray, match: int, occurrences: int, max_nodes: int) -> Con
 
 
 def _cache_dir() -> str:
-    from .cost import cache_root
+    from ...hf.shipped import cache_root
 
     return os.path.join(cache_root(), "datastore_index")
 
