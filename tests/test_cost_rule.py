@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from c2t_fast.decoding import cost
+from c2t_fast.decoding.cost import profile as cost  # measure_costs is looked up there
 from c2t_fast.decoding.cost import Calibrator, CostProfile, CostRule, load_costs, measure_costs
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
 from c2t_fast.decoding.engine import SpeculativeGenerator

@@ -107,3 +107,40 @@ def test_every_package_directory_is_in_the_wheel():
                 name = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
                 assert name in listed, f"{name} is not in pyproject.toml's [tool.setuptools] packages"
     assert "c2t_fast.kernels.triton" in listed
+
+
+# Inside decoding, the drafts room and the cost room sit below the engine and the strategies: a draft or a
+# source never reaches up into what grows, sizes or verifies its tree.
+INNER = {"c2t_fast.decoding.drafts": ("c2t_fast.decoding.drafts",),
+         "c2t_fast.decoding.cost": ("c2t_fast.decoding.cost", "c2t_fast.decoding.drafts")}
+
+
+@pytest.mark.parametrize("room", sorted(INNER))
+def test_the_inner_rooms_of_decoding_import_only_below_them(room):
+    mods = [(m, p) for m, p in C2T_MODULES if m == room or m.startswith(room + ".")]
+    assert mods, f"{room} has no modules"
+    for module, path in mods:
+        for name in _imports(module, path):
+            if name.startswith("c2t_fast.decoding") and name != "c2t_fast.decoding":
+                assert name.startswith(INNER[room]), f"{module} imports {name}, outside {INNER[room]}"
+
+
+def test_one_kernels_module_per_op_family_behind_the_door():
+    """Each op family has its own module and the door re-exports its public call (the same object)."""
+    import importlib
+
+    from c2t_fast.kernels import ops
+
+    for family, names in {"tree_ops": ("build_tree", "prune_tree", "rerank_tree", "verify_greedy", "verify_sample",
+                                       "compact_kv"),
+                          "tree_attention": ("tree_attention",), "score_children": ("score_children",),
+                          "skinny_linear": ("skinny_linear",), "decode_attention": ("decode_attention",)}.items():
+        mod = importlib.import_module(f"c2t_fast.kernels.{family}")
+        for n in names:
+            assert getattr(ops, n) is getattr(mod, n), f"ops.{n} is not kernels.{family}.{n}"
+    schemas = open(os.path.join(ROOT, "csrc", "c2t", "ops.cpp")).read()
+    for f in os.listdir(os.path.join(ROOT, "csrc", "c2t")):
+        if f != "ops.cpp" and f.endswith(".cpp"):
+            assert "m.def(" not in open(os.path.join(ROOT, "csrc", "c2t", f)).read(), f"a schema outside ops.cpp: {f}"
+    for op in ("tree_attention", "score_children", "_score_tail", "skinny_linear", "decode_attention", "build_tree"):
+        assert f'm.def("{op}(' in schemas

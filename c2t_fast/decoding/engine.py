@@ -16,17 +16,18 @@ from typing import Iterator
 
 import torch
 
-from ..hf.adapter import TargetAdapter, check_tree_processors, encode_chat, sampling_probs
-from ..hf.attention import check_supported, compact_dynamic_cache, is_patched, patch, unpatch
+from ..hf.adapter import TargetAdapter, check_tree_processors, encode_chat
+from ..hf.attention import check_supported, is_patched, patch, unpatch
 from ..kernels import ops
 from . import defaults
-from .cost import CostRule, load_costs
-from .drafts import DraftProtocol
-from .metrics import Generation, Metrics
+from .cost import CostRule, SizedTree, load_costs
+from .drafts import DraftProtocol, check_draft
 from .drafts.datastore import Datastore
 from .drafts.recycling import RecyclingTable
 from .drafts.sources import NGRAM, SOURCE_NAMES, DatastoreSource, NgramSource, RecyclingSource, StepTree
+from .metrics import Generation, Metrics
 from .processors import TreeProcessor
+from .step import DraftBacklog, Sampler, Verified, Verifier
 from .strategies import Strategy
 from .tree import TreeDrafter
 
@@ -90,12 +91,11 @@ class SpeculativeGenerator:
             strategy = defaults.make_strategy()
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a c2t_fast.decoding.strategies.Strategy, got {type(strategy).__name__}")
-        if draft is not None and not isinstance(draft, DraftProtocol):
-            missing = [m for m in ("check_target", "vocab_ids_on", "prefill", "root", "layer_logits", "commit", "extend")
-                       if not callable(getattr(draft, m, None))]
-            raise TypeError(f"draft must implement c2t_fast.decoding.drafts.DraftProtocol; {type(draft).__name__} "
-                            f"lacks {', '.join(missing) or 'vocab_ids'}")
+        if recorder is not None and not callable(getattr(recorder, "on_step", None)):
+            raise TypeError(f"recorder must have on_step(drafter, path) (training.tree_dataset.TreeRecorder), got "
+                            f"{type(recorder).__name__}")
         if draft is not None:
+            check_draft(draft)
             draft.check_target(target)
         self.target, self.draft, self.strategy, self.recorder, self.ngram = target, draft, strategy, recorder, ngram
         self.sources = sources
@@ -163,188 +163,117 @@ class SpeculativeGenerator:
             raise ValueError(f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} + a tree of depth up "
                              f"to {D} exceeds the target's context of {self.max_positions} positions")
         m = metrics if metrics is not None else Metrics()
-        sample = temperature > 0
-        gen = torch.Generator()
-        if seed is None:
-            gen.seed()  # no seed: fresh randomness on every call
-        else:
-            gen.manual_seed(seed)
-        target, device = self.adapter, self.adapter.device
-
+        sampler = Sampler(temperature, top_k, top_p, seed, proc)
+        verify = Verifier(self.adapter, self.draft.feature_layers if self.draft is not None else None, sampler)
         with torch.no_grad():
             t_start = time.perf_counter()
-            cache = target.new_cache()
-            features = getattr(self.draft, "feature_layers", None)  # EAGLE-3: fused target layers
-            hidden, logits = target.forward(ids.to(device), cache, feature_layers=features)
+            cache = self.adapter.new_cache()
+            hidden, logits = verify.prefill(ids, cache)
             context = ids.tolist()  # the processors' history: prompt and every emitted token
-            first = logits[-1] if proc is None else proc.one(context, logits[-1])[0]
-            if sample:
-                probs0 = sampling_probs(first, temperature, top_k, top_p) if proc is None else torch.softmax(first, -1)[None]
-                root = int(torch.multinomial(probs0[0].cpu(), 1, generator=gen))
-            else:
-                root = int(first.argmax())
+            root = sampler.first(context, logits[-1])
             context.append(root)
-            # The draft reads the prompt at the first speculative step, not here: under the cost rule a run
-            # that never speculates never pays for it, and when it does the cost lands on that step's
-            # account (the rule's probes pay for themselves).
-            draft_prompt = (ids.to(device), hidden) if self.draft is not None else None
+            backlog = DraftBacklog((ids.to(self.adapter.device), hidden) if self.draft is not None else None)
             root_feature = hidden[-1]
-            m.prefill_time = time.perf_counter() - t_start
-            m.new_tokens = 1
+            m.prefill_time, m.new_tokens = time.perf_counter() - t_start, 1
             for src in self.sources:
-                src.start(ids.tolist() + [root])
+                src.start(list(context))
             yield [root]
             if root in self.stop or max_new_tokens == 1:
                 m.total_time = time.perf_counter() - t_start
                 return
-            # The tree lives on the target's device (TreeDrafter takes the draft's, checked equal at
-            # construction) and every tree op runs there. Host syncs per step: the sizes of prune_tree /
-            # rerank_tree outputs (C2T, EAGLE-2), the verdict (its kernels size the path on the host),
-            # the accepted tokens and bonus (.tolist()), and compact_kv's bounds check of the path.
-            # Uniforms are drawn on the CPU so a seed gives the same output on every device.
-            rule = self.cost_rule
-            if rule is not None:
-                rule.reset()
-            pending_tokens, pending_features = [], []  # context the draft has not seen (plain steps)
+            if self.cost_rule is not None:
+                self.cost_rule.reset()
+            # The tree lives on the target's device (checked equal to the draft's at construction) and every
+            # tree op runs there; the host reads sizes (prune/rerank outputs, the verdict), the accepted
+            # tokens and the bonus.
             while True:
                 t0 = time.perf_counter()
-                has_draft = self.draft is not None
-                if rule is not None:
-                    mode = rule.step_mode(has_draft, bool(self.sources))
-                else:
-                    mode = "draft" if has_draft else "sources"
-                root_only = ops.Tree(torch.tensor([root], dtype=torch.int64, device=device),
-                                     torch.tensor([-1], dtype=torch.int32, device=device), torch.zeros(1, device=device))
-                d, st = None, None
-                if mode == "plain":  # a plain decoding step: the root alone, no draft call
-                    tree = root_only
-                    sized = None
-                else:
-                    if mode == "draft":
-                        if draft_prompt is not None:
-                            self.draft.prefill(*draft_prompt)
-                            draft_prompt = None
-                        if pending_tokens:
-                            self.draft.extend(torch.tensor(pending_tokens, dtype=torch.int64, device=device),
-                                              torch.stack(pending_features))
-                            pending_tokens, pending_features = [], []
-                        d = TreeDrafter(self.draft, root, root_feature, record_features=self.recorder is not None)
-                        st = StepTree.of(self.strategy.build(d))
-                    else:
-                        st = StepTree.of(root_only)
-                    for src in self.sources:
-                        st = st.graft(src.propose(root))
-                    for k, v in st.added.items():
-                        m.source_nodes[SOURCE_NAMES[k]] = m.source_nodes.get(SOURCE_NAMES[k], 0) + v
-                    m.ngram_nodes += st.added.get(NGRAM, 0)
-                    sized = (self._size_tree(d, st, time.perf_counter() - t0, backoff=mode == "draft")
-                             if rule is not None else None)
-                    if sized is not None:
-                        st = sized[0]
-                    tree = st.tree
-                plain = tree.tokens.numel() == 1  # nothing (left) to verify: the model's causal fast path
+                mode = self._step_mode()
+                drafter, st = self._draft(mode, root, root_feature, backlog, m)
+                sized = (self.cost_rule.size(st, drafter.path_scores() if drafter is not None else None,
+                                             time.perf_counter() - t0, backoff=mode == "draft")
+                         if st is not None and self.cost_rule is not None else None)
+                if sized is not None:
+                    st = sized.step
                 t1 = time.perf_counter()
-                prefix = cache.get_seq_length()
-                if plain:  # one token appended causally: the model's own fast path, no tree bits
-                    hid, logits = target.forward(tree.tokens, cache, feature_layers=features)
-                else:
-                    b = ops.build_tree(tree.parents, prefix)
-                    hid, logits = target.forward(tree.tokens, cache, b.position_ids, b.ancestor_bits, features)
-                if proc is not None:  # every node's scores processed with its own history
-                    logits = proc.one(context, logits) if plain else proc(context, tree.tokens, tree.parents.tolist(),
-                                                                           logits)
-                if sample:
-                    probs = sampling_probs(logits, temperature, top_k, top_p) if proc is None else torch.softmax(logits, -1)
-                    u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=gen).to(device)
-                    verdict = ops.verify_sample(tree.tokens, tree.parents, probs, u)
-                else:
-                    verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.argmax(-1))
-                path = verdict.path
-                compact_dynamic_cache(cache, prefix, path)
-                for src in self.sources:
-                    src.observe(tree.tokens, logits)
-                if st is not None:
-                    for k in st.source[path[1:].cpu()].tolist():
-                        m.source_accepted[SOURCE_NAMES[k]] = m.source_accepted.get(SOURCE_NAMES[k], 0) + 1
+                v = verify(st.tree if st is not None else self._root_only(root), cache, context)
                 t2 = time.perf_counter()
-                accepted = tree.tokens[path[1:]]
-                emitted = accepted.tolist() + [int(verdict.bonus)]
-                if self.recorder is not None:
-                    self._record(d, path)
-                if sized is not None:  # calibrate the acceptance estimates on what was verified
-                    label = torch.zeros(tree.tokens.numel(), dtype=torch.bool)
-                    label[path.cpu()] = True
-                    rule.learn(*sized[1], label)
-                m.steps += 1
-                m.plain_steps += plain
-                m.accepted.append(path.numel() - 1)
-                m.draft_tokens.append(tree.tokens.numel() - 1)
+                self._observe(v, st, sized, drafter, m)
+                out = self._emit(v, max_new_tokens, m)
+                context += out
                 m.draft_time += t1 - t0
                 m.verify_time += t2 - t1
-                out = []
-                for tok in emitted:
-                    out.append(tok)
-                    if tok in self.stop or m.new_tokens + len(out) >= max_new_tokens:
-                        break
-                m.new_tokens += len(out)
-                context += out
-                if rule is not None:
-                    rule.settle(time.perf_counter() - t0, len(emitted), plain, tree.tokens.numel())
-                done = len(out) < len(emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
+                if self.cost_rule is not None:
+                    self.cost_rule.settle(time.perf_counter() - t0, len(v.emitted), v.plain, v.tree.tokens.numel())
+                done = len(out) < len(v.emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
                 for src in self.sources:
                     src.extend(out)
                 if not done:
-                    if has_draft and mode != "draft":  # the draft reads this text (token, predecessor's feature) later
-                        pending_tokens += [root] + accepted.tolist()
-                        pending_features += [root_feature] + list(hid[path[:-1]])
-                    elif has_draft:
-                        self.draft.commit(accepted, hid[path[:-1]])
-                    root, root_feature = emitted[-1], hid[path[-1]]
+                    if self.draft is not None and mode != "draft":  # the draft reads this text later
+                        backlog.add(root, root_feature, v)
+                    elif self.draft is not None:
+                        self.draft.commit(v.accepted, v.hidden[v.path[:-1]])
+                    root, root_feature = v.emitted[-1], v.hidden[v.path[-1]]
                 m.total_time = time.perf_counter() - t_start
                 yield out
                 if done:
                     return
 
-    def _size_tree(self, d: TreeDrafter | None, st: StepTree, draft_s: float, backoff: bool = True):
-        """The cost rule's cut of this step's tree: (the step tree to verify, then for its nodes what the
-        rule learns from: draft scores, path scores or not, parents, sources, source scores, depths).
-        ``backoff``: a draft step's promised rate decides the draft's next steps (``CostRule.after_step``)."""
-        rule = self.cost_rule
-        tree = st.tree
-        n = tree.tokens.numel()
-        parents = tree.parents.tolist()
-        dl = [0] * n
-        for i in range(1, n):  # topological order: a parent comes before its children
-            dl[i] = dl[parents[i]] + 1
-        depth = torch.tensor(dl, dtype=torch.int64)
-        path_scores = d is not None and d.has_conf
-        n_head = d.scores().numel() if path_scores else 0
-        if path_scores:  # C2T: the classifier's path-level confidence (the draft's nodes come first)
-            scores = torch.cat([d.scores().float().cpu(), torch.zeros(n - n_head)])
-        else:  # the draft's probability of each node given its parent
-            logp = tree.logp.float().cpu()
-            scores = (logp - logp[torch.tensor([max(q, 0) for q in parents])]).exp()
-            scores[0] = 1.0
-        p = rule.estimate(scores, path_scores, parents, st.source, st.score, depth)
-        keep, rate = rule.choose(p[1:], draft_s)
-        if backoff:
-            rule.after_step(rate)
-        if keep < n - 1:
-            scored = ops.Tree(tree.tokens, tree.parents, p.clamp(min=1e-30).log().to(tree.logp.device))
-            sub, sel = ops.rerank_tree(scored, keep + 1)
-            sel = sel.cpu()
-            st = StepTree(ops.Tree(sub.tokens, sub.parents, tree.logp[sel.to(tree.logp.device)]), st.source[sel],
-                          st.score[sel], st.added)
-            scores, depth = scores[sel], depth[sel]
-            parents = st.tree.parents.tolist()
-        return st, (scores, path_scores, parents, st.source, st.score, depth)
+    def _step_mode(self) -> str:
+        """"draft" (the draft grows a tree, the sources join it), "sources" (their tree alone) or "plain"."""
+        if self.cost_rule is not None:
+            return self.cost_rule.step_mode(self.draft is not None, bool(self.sources))
+        return "draft" if self.draft is not None else "sources"
 
-    def _record(self, d: TreeDrafter, path: torch.Tensor) -> None:
-        """(P, H, d, accepted) of every drafted node of this step's full tree (before any rerank)."""
-        label = torch.zeros(d.size, dtype=torch.uint8)
-        on_path = path if d.selected is None else d.selected[path]  # map reranked ids back to the full tree
-        label[on_path.cpu()] = 1
-        self.recorder.add_tree(d.logp[1:].exp().cpu(), d.entropy[1:].cpu(), d.depth[1:].cpu() - 1, label[1:])
+    def _root_only(self, root: int) -> ops.Tree:
+        dev = self.adapter.device
+        return ops.Tree(torch.tensor([root], dtype=torch.int64, device=dev),
+                        torch.tensor([-1], dtype=torch.int32, device=dev), torch.zeros(1, device=dev))
+
+    def _draft(self, mode: str, root: int, root_feature, backlog: DraftBacklog, m: Metrics):
+        """(the drafter or None, the step's tree with every source's branches; None, None for a plain step)."""
+        if mode == "plain":
+            return None, None
+        drafter = None
+        if mode == "draft":
+            backlog.feed(self.draft, self.adapter.device)
+            drafter = TreeDrafter(self.draft, root, root_feature,
+                                  keep_entropy=bool(getattr(self.recorder, "wants_entropy", False)))
+            st = StepTree.of(self.strategy.build(drafter))
+        else:
+            st = StepTree.of(self._root_only(root))
+        for src in self.sources:
+            st = st.graft(src.propose(root))
+        for k, n in st.added.items():
+            m.source_nodes[SOURCE_NAMES[k]] = m.source_nodes.get(SOURCE_NAMES[k], 0) + n
+        m.ngram_nodes += st.added.get(NGRAM, 0)
+        return drafter, st
+
+    def _observe(self, v: Verified, st: StepTree | None, sized: SizedTree | None, drafter, m: Metrics) -> None:
+        """Everything that learns from a verdict: the sources, the cost rule, the recorder, the metrics."""
+        for src in self.sources:
+            src.observe(v.tree.tokens, v.logits)
+        if st is not None:
+            for k in st.source[v.path[1:].cpu()].tolist():
+                m.source_accepted[SOURCE_NAMES[k]] = m.source_accepted.get(SOURCE_NAMES[k], 0) + 1
+        if sized is not None:
+            self.cost_rule.learn(sized, v.path)
+        if self.recorder is not None and drafter is not None:
+            self.recorder.on_step(drafter, v.path)
+        m.steps += 1
+        m.plain_steps += v.plain
+        m.accepted.append(v.path.numel() - 1)
+        m.draft_tokens.append(v.tree.tokens.numel() - 1)
+
+    def _emit(self, v: Verified, max_new_tokens: int, m: Metrics) -> list[int]:
+        """The step's tokens, up to a stop token or the budget."""
+        out = []
+        for tok in v.emitted:
+            out.append(tok)
+            if tok in self.stop or m.new_tokens + len(out) >= max_new_tokens:
+                break
+        m.new_tokens += len(out)
+        return out
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, tokenizer=None, baseline: bool = False,

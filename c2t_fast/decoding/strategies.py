@@ -25,12 +25,6 @@ from ..kernels import ops
 from .tree import TreeDrafter
 
 
-def _entropy_topm(logits: torch.Tensor, m: int = 1000) -> torch.Tensor:
-    lp = torch.log_softmax(logits.float(), -1)
-    top = torch.topk(lp, min(m, lp.shape[-1])).values
-    return torch.special.entr(top.exp()).sum(-1)
-
-
 class Strategy:
     name = "strategy"
 
@@ -38,17 +32,9 @@ class Strategy:
         raise NotImplementedError
 
     @property
-    def max_tree_nodes(self) -> int:
-        """The most nodes (root included) a tree of this strategy can have: one verification pass."""
-        raise NotImplementedError
-
-    @property
     def max_tree_depth(self) -> int:
         """The deepest node's depth (root 0): tree positions reach the root's position + this."""
         raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"strategy": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
 
 @dataclass
@@ -63,10 +49,6 @@ class Chain(Strategy):
     @property
     def max_tree_depth(self) -> int:
         return self.length
-
-    @property
-    def max_tree_nodes(self) -> int:
-        return self.length + 1
 
     def build(self, d):
         logits, parent = d.root_logits, 0
@@ -108,10 +90,6 @@ class ChainC2T(_ClassifierStrategy):
     def max_tree_depth(self) -> int:
         return self.max_length
 
-    @property
-    def max_tree_nodes(self) -> int:
-        return self.max_length + 1
-
     def build(self, d):
         logits, parent = d.root_logits, 0
         for depth in range(self.max_length):
@@ -139,10 +117,6 @@ class Static(Strategy):
     @property
     def max_tree_depth(self) -> int:
         return max(len(c) for c in self._paths)
-
-    @property
-    def max_tree_nodes(self) -> int:
-        return len(self._paths) + 1
 
     def build(self, d):
         node_of = {(): 0}
@@ -180,14 +154,10 @@ class Eagle2(Strategy):
     def max_tree_depth(self) -> int:
         return self.depth + 1
 
-    @property
-    def max_tree_nodes(self) -> int:
-        return min(self.total_tokens, 1 + self.top_k + self.depth * self.top_k * self.top_k)
-
     def build(self, d):
         lp = torch.log_softmax(d.root_logits, -1)
         top = torch.topk(lp, min(self.top_k, lp.numel()))
-        ent = _entropy_topm(d.root_logits).expand(top.values.numel()) if d.record else None
+        ent = d.entropy_of(d.root_logits, top.values.numel())
         frontier = d.append(d.nodes([0] * top.values.numel()), d.token_of(top.indices), top.values,
                             ent)
         for _ in range(self.depth):
@@ -196,7 +166,8 @@ class Eagle2(Strategy):
             top = torch.topk(lp, min(self.top_k, lp.shape[-1]), dim=-1)
             joint = d.logp[frontier][:, None] + top.values  # [K, K]
             parents = frontier[:, None].expand_as(joint).reshape(-1)
-            ent = _entropy_topm(logits)[:, None].expand_as(joint).reshape(-1) if d.record else None
+            ent = d.entropy_of(logits)
+            ent = ent[:, None].expand_as(joint).reshape(-1) if ent is not None else None
             new = d.append(parents, d.token_of(top.indices.reshape(-1)), joint.reshape(-1), ent)
             keep = torch.topk(joint.reshape(-1), min(self.top_k, joint.numel())).indices
             frontier = new[keep]
@@ -224,12 +195,6 @@ class C2T(_ClassifierStrategy):
     @property
     def max_tree_depth(self) -> int:
         return self.d_max
-
-    @property
-    def max_tree_nodes(self) -> int:
-        cap = self.max_nodes or 2 * self.top_k * self.d_max
-        # the second pruning keeps at most top_k new nodes per layer
-        return min(cap, self.top_k * self.d_max if self.second_prune else cap) + 1
 
     def build(self, d):
         cap = self.max_nodes or 2 * self.top_k * self.d_max

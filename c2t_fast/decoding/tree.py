@@ -7,6 +7,13 @@ import torch
 from ..kernels import ops
 
 
+def entropy_topm(logits: torch.Tensor, m: int = 1000) -> torch.Tensor:
+    """C2T's H feature of each row: -sum p log p over the row's top-``m`` probabilities (not renormalised)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(lp, min(m, lp.shape[-1])).values
+    return torch.special.entr(top.exp()).sum(-1)
+
+
 class TreeDrafter:
     """The growing tree of one step and the draft fed with it. Node 0 is the root.
 
@@ -14,7 +21,7 @@ class TreeDrafter:
     On a GPU the tree is grown, scored, pruned and verified there (the tree ops' CUDA kernels); the
     host reads only sizes (the data-dependent outputs of prune/rerank) and the accepted tokens."""
 
-    def __init__(self, draft, root_token: int, root_feature, record_features: bool = False):
+    def __init__(self, draft, root_token: int, root_feature, keep_entropy: bool = False):
         self.draft = draft
         self.root_logits = draft.root(root_token, root_feature).float()
         dev = self.device = self.root_logits.device
@@ -24,10 +31,12 @@ class TreeDrafter:
         self.depth = torch.zeros(1, dtype=torch.int64, device=dev)
         self.slot = torch.zeros(1, dtype=torch.int64, device=dev)  # draft slot of each node, -1 when not fed
         self.anc = torch.ones(1, 1, dtype=torch.bool, device=dev)  # [node, slot]: slot is the node or an ancestor
-        self.entropy = torch.zeros(1, device=dev)  # H of the distribution a node was drawn from (recording)
+        # H of the distribution a node was drawn from: C2T's feature, kept for every strategy when an observer
+        # of the step reads it (``keep_entropy``: the classifier's training data)
+        self.entropy = torch.zeros(1, device=dev)
+        self.keep_entropy = keep_entropy
         self.conf = torch.ones(1, device=dev)  # a node's acceptance score (C2T: the classifier's confidence)
         self.has_conf = False  # True once a strategy gave scores (else the draft's probabilities are used)
-        self.record = record_features
         self.vocab_ids = draft.vocab_ids_on(dev)
         self.selected: torch.Tensor | None = None  # set when the verified tree is a subset (rerank)
 
@@ -75,6 +84,19 @@ class TreeDrafter:
     def scores(self) -> torch.Tensor:
         """The acceptance scores of the tree the strategy returned (the reranked subset after ``rerank``)."""
         return self.conf if self.selected is None else self.conf[self.selected]
+
+    def path_scores(self) -> torch.Tensor | None:
+        """The strategy's path-level acceptance scores of the returned tree's nodes (C2T's classifier), or
+        None when it gave none (the draft's probabilities are the scores then)."""
+        return self.scores() if self.has_conf else None
+
+    def entropy_of(self, logits: torch.Tensor, n: int | None = None) -> torch.Tensor | None:
+        """The top-M entropy of each row of ``logits`` (repeated ``n`` times for one row), for ``append``; None
+        when nothing reads it (``keep_entropy`` off): strategies that do not score by it skip the cost."""
+        if not self.keep_entropy:
+            return None
+        ent = entropy_topm(logits)
+        return ent.expand(n) if n is not None else ent
 
     def expand(self, nodes: torch.Tensor) -> torch.Tensor:
         """Feed ``nodes`` (one batched draft call) and return their next-token logits ``[n, V]``."""

@@ -51,6 +51,16 @@ class TreeRecorder:
         # rows written after the last meta (an interrupted run) are dropped: meta and rows agree again
         self._file.truncate(self.meta["rows"] * ROW_DTYPE.itemsize)
 
+    wants_entropy = True  # the drafter keeps each node's entropy (C2T's H feature) for every strategy
+
+    def on_step(self, drafter, path) -> None:
+        """The engine's step hook: (P, H, d, accepted) of every drafted node of the step's full tree, before
+        any rerank (``path``: the verified tree's accepted node indices, root first)."""
+        label = torch.zeros(drafter.size, dtype=torch.uint8)
+        on_path = path if drafter.selected is None else drafter.selected[path]  # reranked ids -> the full tree
+        label[on_path.cpu()] = 1
+        self.add_tree(drafter.logp[1:].exp().cpu(), drafter.entropy[1:].cpu(), drafter.depth[1:].cpu() - 1, label[1:])
+
     def add_tree(self, P, H, d, label) -> int:
         cols = [np.asarray(torch.as_tensor(x).cpu()) for x in (P, H, d, label)]
         n = len(cols[0])
