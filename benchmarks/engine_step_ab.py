@@ -5,7 +5,8 @@ Usage (alternate the two sides in fresh processes on an idle machine):
     git worktree add /tmp/before <commit>; cp c2t_fast/_C*.so /tmp/before/c2t_fast/   (+ wisca_fast)
     for i in 1 2; do PYTHONPATH=/tmp/before python benchmarks/engine_step_ab.py
                      PYTHONPATH=$PWD python benchmarks/engine_step_ab.py; done
-Works with the layout before #14 (c2t_fast.engine, ...) and after it (c2t_fast.decoding.engine, ...).
+Works with the layouts before #14 (c2t_fast.engine, ...), after it (c2t_fast.decoding.engine, ...) and after #30
+(c2t_fast.decoding.drafts, ...).
 """
 import json
 import os
@@ -15,18 +16,25 @@ import c2t_fast
 
 MT_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "spec_bench",
                         "mt_bench.jsonl")
-if os.path.isdir(os.path.join(os.path.dirname(c2t_fast.__file__), "hf")):
+_root = os.path.dirname(c2t_fast.__file__)
+if os.path.isdir(os.path.join(_root, "decoding", "drafts")):  # the second layout step (#30)
     from c2t_fast.hf.loading import load_target
     from c2t_fast.decoding.classifier import load_classifier
     from c2t_fast.decoding.drafts.loading import load_draft
     from c2t_fast.decoding.strategies import C2T, Chain
     from c2t_fast.decoding.engine import SpeculativeGenerator
     side = "after"
+elif os.path.isdir(os.path.join(_root, "hf")):  # the first layout step (#14)
+    from c2t_fast.hf.loading import load_target
+    from c2t_fast.decoding.loading import load_classifier, load_draft
+    from c2t_fast.decoding.strategies import C2T, Chain
+    from c2t_fast.decoding.engine import SpeculativeGenerator
+    side = "before"
 else:
     from c2t_fast.loading import load_target, load_draft, load_classifier
     from c2t_fast.strategies import C2T, Chain
     from c2t_fast.engine import SpeculativeGenerator
-    side = "before"
+    side = "before-#14"
 target, tok = load_target("smollm2")
 draft = load_draft(None, target)
 prompts = [json.loads(line)["turns"][0] for line in open(MT_BENCH)][:2]

@@ -182,12 +182,12 @@ class C2T(_ClassifierStrategy):
     d_max: int = 10
     top_m: int = 1000
     second_prune: bool = True
-    max_nodes: int | None = None  # without the second pruning: cap at 2 * K * d_max (ambiguity 17)
+    max_nodes: int | None = None  # without the second pruning: cap at 2 * K * d_max (the tree must stay one pass)
     name = "c2t"
 
     def __post_init__(self):
         if self.classifier is None:
-            raise ValueError("c2t needs a classifier (c2t_fast.classifier.C2TClassifier)")
+            raise ValueError("c2t needs a classifier (c2t_fast.C2TClassifier, c2t_fast.load_classifier())")
         if not 0 <= self.beta <= 1 or self.top_k < 1 or self.d_max < 1 or self.top_m < self.top_k:
             raise ValueError(f"c2t needs beta in [0, 1], top_k >= 1, d_max >= 1, top_m >= top_k; got beta={self.beta}, "
                              f"top_k={self.top_k}, d_max={self.d_max}, top_m={self.top_m}")
