@@ -143,9 +143,13 @@ class Draft(nn.Module):
     def _feed(self, tokens: torch.Tensor, features: torch.Tensor | None, visible: torch.Tensor | None):
         raise NotImplementedError
 
+    def _crop(self, length: int) -> None:
+        """Keep the first ``length`` slots of the draft's cache."""
+        hf.crop_cache(self.cache, length)
+
     def commit(self, tokens: torch.Tensor, features: torch.Tensor | None = None) -> None:
         """tokens: the accepted nodes a_1..a_tau; features: the target's at root, a_1..a_{tau-1}."""
-        hf.crop_cache(self.cache, self.n_stable + 1)  # the root's entry was fed with its true context: keep it
+        self._crop(self.n_stable + 1)  # the root's entry was fed with its true context: keep it
         self.n_stable += 1
         self.n_tree = 0
         if tokens.numel():
@@ -154,7 +158,7 @@ class Draft(nn.Module):
 
     def extend(self, tokens: torch.Tensor, features: torch.Tensor | None = None) -> None:
         """Context the target produced in plain steps: pairs (token, feature of its predecessor)."""
-        hf.crop_cache(self.cache, self.n_stable)
+        self._crop(self.n_stable)
         self.n_tree = 0
         if tokens.numel():
             self._feed(tokens, features, None)
