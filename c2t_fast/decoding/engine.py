@@ -1,10 +1,11 @@
 """Lossless speculative generation (batch 1): draft a tree, verify it in one target pass through the
 patched attention, accept with verify_greedy / verify_sample, compact the KV cache, emit.
 
-Per step (docs/DESIGN.md, "Generation engine"): strategy.build(TreeDrafter) -> build_tree -> one target
-pass over the tree (TargetAdapter.forward with the tree bits) -> verify -> compact_kv on the target cache
-(the draft re-feeds the accepted path) -> accepted + bonus. Every transformers call goes through
-``hf.adapter``.
+Per step (docs/DESIGN.md, "Generation engine"): draft (the strategy grows a tree through a
+``TreeDrafter``, the training-free sources graft theirs) -> size (``CostRule.size`` -> ``SizedTree``) ->
+verify (``step.Verifier``: one target pass with the tree bits, acceptance, the target's cache compacted)
+-> commit (the draft reads the accepted path; the rule, sources and recorder learn from ``Verified``).
+Every transformers call goes through ``hf.adapter``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ class SpeculativeGenerator:
 
     target: a Hugging Face causal LM of a supported family (patched here for tree verification).
     draft: any ``DraftProtocol``: ``EagleDraftHead`` (attached to the target) or ``DraftLM``.
-    strategy: one of ``decoding.strategies`` (None: the default C2T). ``recorder``: an object with
-    ``add_tree(P, H, d, label)`` (``training.tree_dataset.TreeRecorder``) that receives (P, H, d, accepted)
-    for every drafted node of every step's full tree (classifier training data; recording leaves out the
-    default n-gram branches and cost rule). ``ngram``: an ``NgramLookup`` (or its token count; 0 / None:
+    strategy: one of ``decoding.strategies`` (None: the default C2T). ``recorder``: a step observer with
+    ``on_step(drafter, path)`` (and ``wants_entropy``: the drafter then keeps every node's entropy), called
+    after each drafted step's verification (``training.tree_dataset.TreeRecorder`` writes (P, H, d, accepted)
+    of every node of the full tree: classifier training data; recording leaves out the default n-gram
+    branches and cost rule). ``ngram``: an ``NgramLookup`` (or its token count; 0 / None:
     none) whose continuations (prompt lookup in the prompt and the generated text) join each step's tree
-    as extra branches (``decoding.ngram``). ``budget``: None verifies each tree the strategy grows as it
+    as extra branches (``decoding.drafts.ngram``). ``budget``: None verifies each tree the strategy grows as it
     is; ``"auto"`` (the default) sizes it by this machine's measured verification cost and falls back to
     plain decoding steps when no tree pays (``decoding.cost``; the profile is measured once and cached);
     or a ``CostRule``.
