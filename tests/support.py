@@ -136,3 +136,27 @@ def two_token_law(target, prompt: torch.Tensor, temperature: float):
         second = torch.stack([sampling_probs(target(torch.cat([prompt, torch.tensor([a])])[None]).logits[0, -1],
                                              temperature, 0, 1.0)[0] for a in range(V)])
     return (p1[:, None] * second).flatten().double().numpy()
+
+
+def run_at_once(fn, n: int, start_together: bool = False) -> tuple[list, list]:
+    """Call ``fn()`` in ``n`` threads at once (``start_together``: all released by one barrier); returns
+    (their results, the exceptions they raised) — the shape of a cache race between first runs."""
+    import threading
+
+    barrier = threading.Barrier(n) if start_together else None
+    out, errors = [], []
+
+    def run():
+        try:
+            if barrier is not None:
+                barrier.wait()
+            out.append(fn())
+        except Exception as err:  # noqa: BLE001 - the caller asserts on whatever a thread raised
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, errors

@@ -18,7 +18,7 @@ from c2t_fast.decoding.engine import SpeculativeGenerator
 from c2t_fast.decoding.drafts.ngram import NgramLookup
 from c2t_fast.decoding.strategies import Chain, Eagle2
 from c2t_fast.hf.attention import is_patched
-from support import tiny_causal_lm, tiny_strategies, two_token_law
+from support import run_at_once, tiny_causal_lm, tiny_strategies, two_token_law
 
 PROMPT = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79, 3, 14, 15, 92, 65, 35])
 
@@ -263,7 +263,6 @@ def test_a_backed_off_draft_leaves_the_free_branches_and_follows_their_text():
 def test_first_runs_at_once_and_damaged_profiles(tmp_path, monkeypatch):
     """Several processes (here threads) measuring on an empty cache each finish with a profile; a profile
     file that parses but is not a profile is measured again."""
-    import threading
     import time as _time
 
     monkeypatch.setenv("C2T_FAST_COST_DIR", str(tmp_path / "p"))
@@ -274,19 +273,7 @@ def test_first_runs_at_once_and_damaged_profiles(tmp_path, monkeypatch):
         return CostProfile([1, 2], [0.1, 0.2], key=cost.profile_key(model, torch.device("cpu")))
 
     monkeypatch.setattr(cost, "measure_costs", slow)
-    out, errors = [], []
-
-    def run():
-        try:
-            out.append(load_costs(target, progress=False))
-        except Exception as err:  # noqa: BLE001 - the test reports whatever a thread raised
-            errors.append(err)
-
-    threads = [threading.Thread(target=run) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out, errors = run_at_once(lambda: load_costs(target, progress=False), 6)
     assert not errors and len(out) == 6 and os.listdir(tmp_path / "p") == [f"{out[0].key}.json"]
     path = tmp_path / "p" / f"{out[0].key}.json"
     for bad in ('{"lengths": "x", "verify_s": 1}', '{"lengths": [1, 2], "verify_s": [-1, 0.2]}', "[]",

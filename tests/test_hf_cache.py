@@ -38,33 +38,18 @@ def test_compact_dynamic_cache_rejects_an_empty_cache():
 def test_two_first_conversions_at_once_both_succeed(tmp_path):
     """Two processes converting the shipped model into an empty cache at the same moment: both end with a
     loadable cache (the later rename finds the earlier one's complete conversion in place)."""
-    import threading
-
     import torch as _torch
     import transformers
 
     from c2t_fast.hf import shipped
-    from support import load_smollm2
+    from support import load_smollm2, run_at_once
 
     tok = load_smollm2()[1]
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1)
     model = transformers.LlamaForCausalLM(cfg).eval()
     d = str(tmp_path / "smollm2")
-    barrier, errors = threading.Barrier(2), []
-
-    def convert():
-        try:
-            barrier.wait()
-            shipped._write_cache(model, tok, d, _torch.float32)
-        except Exception as err:  # noqa: BLE001
-            errors.append(err)
-
-    threads = [threading.Thread(target=convert) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _, errors = run_at_once(lambda: shipped._write_cache(model, tok, d, _torch.float32), 2, start_together=True)
     assert not errors and shipped._converted(d, _torch.float32)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary directory left behind
     reloaded, _ = shipped._load_dir(d, _torch.float32)

@@ -42,7 +42,7 @@ class DraftBacklog:
 
     def add(self, root: int, root_feature: torch.Tensor, verified: "Verified") -> None:
         """A step the draft sat out: its root and accepted tokens, each with its predecessor's feature."""
-        self.tokens += [root] + verified.accepted.tolist()
+        self.tokens += [root] + verified.emitted[:-1]
         self.features += [root_feature] + list(verified.hidden[verified.path[:-1]])
 
 
@@ -78,24 +78,21 @@ class Sampler:
 
 @dataclass
 class Verified:
-    """What one target pass decided: ``path`` (int64 node indices, root first), ``bonus`` (the target's own
-    token after it), ``accepted`` (the path's tokens, root excluded), ``hidden`` (the target's features of
-    every verified node) and ``logits`` (its processed scores)."""
+    """What one target pass decided: ``path`` (int64 node indices, root first), ``accepted`` (the path's
+    tokens, root excluded), ``emitted`` (those tokens and the target's own bonus token after them, read to
+    the host once), ``hidden`` (the target's features of every verified node) and ``logits`` (its processed
+    scores)."""
 
     tree: ops.Tree
     path: torch.Tensor
-    bonus: int
     accepted: torch.Tensor
+    emitted: list
     hidden: torch.Tensor
     logits: torch.Tensor
 
     @property
     def plain(self) -> bool:
         return self.tree.tokens.numel() == 1
-
-    @property
-    def emitted(self) -> list[int]:
-        return self.accepted.tolist() + [self.bonus]
 
 
 class Verifier:
@@ -127,4 +124,5 @@ class Verifier:
         else:
             verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.argmax(-1))
         compact_dynamic_cache(cache, prefix, verdict.path)
-        return Verified(tree, verdict.path, int(verdict.bonus), tree.tokens[verdict.path[1:]], hidden, logits)
+        accepted = tree.tokens[verdict.path[1:]]
+        return Verified(tree, verdict.path, accepted, accepted.tolist() + [int(verdict.bonus)], hidden, logits)

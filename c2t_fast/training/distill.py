@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..hf.adapter import chat_stop_ids, encode_chat, generate_batch
+from .feature_store import write_json
 
 
 @dataclass
@@ -52,13 +53,6 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.length_sort_batches must be >= 0, got {self.length_sort_batches}")
         if self.start < 0 or self.sample_every < 0 or not 0 < self.temperature <= 2 or not 0 < self.top_p <= 1:
             raise ValueError("DistillConfig: start and sample_every >= 0, temperature in (0, 2], top_p in (0, 1]")
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # never a half-written meta after an interruption
 
 
 def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None, prompts: list[str] | None = None,
@@ -122,10 +116,10 @@ def distill(target, tokenizer, out_dir: str, config: DistillConfig | None = None
         meta["sequences"] += len(ranks)
         meta["conversations_used"] = done
         meta["tokens_per_s"] = round(meta["tokens"] / max(meta["generate_s"], 1e-9), 2)
-        _write_json(meta_file, meta)
+        write_json(meta_file, meta)
         bar.update(len(ranks))
     bar.close()
-    _write_json(meta_file, meta)
+    write_json(meta_file, meta)
     return meta
 
 

@@ -26,7 +26,8 @@ import torch
 FILES = ("features.f16", "hidden.f16", "topk_ids.bin", "topk_logp.f16")
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, swapped in whole (never a half-written file after an interruption)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -111,7 +112,7 @@ class FeatureStore:
         return self._size
 
     def flush(self) -> None:
-        _write_json(self.meta_file, self.meta)
+        write_json(self.meta_file, self.meta)
 
     def open(self, shard: int) -> dict:
         """Memory-mapped arrays of the shard (``features``, ``hidden`` or None, ``topk_ids``, ``topk_logp``);

@@ -25,7 +25,7 @@ import torch
 from ..decoding.cost import cpu_name
 from ..hf import adapter as hf
 from ..hf.static_batch import StaticBatchLM
-from .feature_store import FeatureStore, _write_json
+from .feature_store import FeatureStore, write_json
 from .generator import Finished, GeneratorConfig, SlotScheduler
 from .prompts import Job, PromptFilter, interleave, sharegpt_jobs
 
@@ -191,7 +191,7 @@ class DataStore:
         self.shard(shard)["sealed"] = True
 
     def flush(self) -> None:
-        _write_json(self.meta_file, self.meta)
+        write_json(self.meta_file, self.meta)
 
 
 def _magpie_prompts(lm, tok, out_dir: str, cfg: GeneratorConfig, progress: bool) -> list[str]:
