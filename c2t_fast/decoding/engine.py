@@ -21,6 +21,7 @@ from ..hf.adapter import TargetAdapter, check_tree_processors, encode_chat
 from ..hf.attention import check_supported, is_patched, patch, unpatch
 from ..kernels import ops
 from . import defaults
+from .agreement import Agreement, agreement_for
 from .cost import CostRule, SizedTree, load_costs
 from .drafts import DraftProtocol, check_draft
 from .drafts.datastore import Datastore
@@ -54,14 +55,18 @@ class SpeculativeGenerator:
     as extra branches (``decoding.drafts.ngram``). ``budget``: None verifies each tree the strategy grows as it
     is; ``"auto"`` (the default) sizes it by this machine's measured verification cost and falls back to
     plain decoding steps when no tree pays (``decoding.cost``; the profile is measured once and cached);
-    or a ``CostRule``.
+    or a ``CostRule``. ``agreement``: how the ranks of a tensor-parallel target take the decisions that
+    depend on a rank's own clock or randomness together (``decoding.agreement``; None: a ``RankAgreement``
+    over the target's tensor-parallel group when it has one, else none is needed).
     """
 
     def __init__(self, target, draft: DraftProtocol | None, strategy: Strategy | None = None, eos_token_id=None,
                  stop_token_ids=(), recorder=None, ngram=defaults.DEFAULT, budget=defaults.DEFAULT,
-                 datastore: Datastore | None = None, recycling: RecyclingTable | bool | None = None):
+                 datastore: Datastore | None = None, recycling: RecyclingTable | bool | None = None,
+                 agreement: Agreement | None = None):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
+        self.agreement = agreement_for(target, agreement)
         ngram = defaults.resolve_ngram(ngram, recording=recorder is not None)
         budget = defaults.resolve_budget(budget, recording=recorder is not None)
         if datastore is not None and not isinstance(datastore, Datastore):
@@ -107,7 +112,7 @@ class SpeculativeGenerator:
         was_patched = is_patched(target)
         patch(target)
         try:
-            self.cost_rule = CostRule(load_costs(target)) if budget == "auto" else budget
+            self.cost_rule = CostRule(self.agreement.costs(target, load_costs)) if budget == "auto" else budget
         except BaseException:
             if not was_patched:
                 unpatch(target)  # a failed construction changes nothing
@@ -141,29 +146,17 @@ class SpeculativeGenerator:
         min-p, typical-p, ...), applied to every tree node's scores with that node's own history
         (``decoding.processors``). The list is then the whole sampling recipe: its temperature / top-k /
         top-p warpers replace the arguments, and ``temperature > 0`` only says "sample"."""
-        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] != 1:
-            raise ValueError(f"batch size {prompt.shape[0]} > 1 is not supported: one tree per step (use batch 1)")
-        _check_int("max_new_tokens", max_new_tokens, 1)
-        _check_int("top_k", top_k, 0)
-        if seed is not None:
-            _check_int("seed", seed, 0)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        ids = self._encode(prompt, tokenizer)
-        proc = None
-        if logits_processor is not None:
-            check_tree_processors(logits_processor)
-            if top_k or top_p < 1.0:
-                raise ValueError("with logits_processor, give top_k / top_p through the processor list "
-                                 "(c2t_fast.logits_processors), not as arguments")
-            proc = TreeProcessor(logits_processor)
-        D = max([self.strategy.max_tree_depth if self.draft is not None else 0] + [s.depth for s in self.sources])
-        # the last step's root sits at position prompt + max_new_tokens - 2 and its tree reaches D deeper
-        if self.max_positions and ids.numel() + max_new_tokens + D - 1 > self.max_positions:
-            raise ValueError(f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} + a tree of depth up "
-                             f"to {D} exceeds the target's context of {self.max_positions} positions")
+        agree = self.agreement
+        try:
+            ids, proc = self._check_request(prompt, max_new_tokens, temperature, top_p, top_k, seed, tokenizer,
+                                            logits_processor)
+        except BaseException as err:
+            agree.fail(err)  # the other ranks raise too instead of waiting in the prefill's collectives
+            raise
+        if agree.world > 1:
+            agree.check_same("generation", self._fingerprint(ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                                             logits_processor))
+        seed = agree.seed(seed)
         m = metrics if metrics is not None else Metrics()
         sampler = Sampler(temperature, top_k, top_p, seed, proc)
         verify = Verifier(self.adapter, self.draft.feature_layers if self.draft is not None else None, sampler)
@@ -190,23 +183,33 @@ class SpeculativeGenerator:
             # tokens and the bonus.
             while True:
                 t0 = time.perf_counter()
-                mode = self._step_mode()
-                drafter, st = self._draft(mode, root, root_feature, backlog, m)
-                sized = (self.cost_rule.size(st, drafter.path_scores() if drafter is not None else None,
-                                             time.perf_counter() - t0, backoff=mode == "draft")
+                try:
+                    mode = self._step_mode()
+                    drafter, st = self._draft(mode, root, root_feature, backlog, m)
+                except BaseException as err:
+                    agree.fail(err)
+                    raise
+                draft_s = agree.share([time.perf_counter() - t0])[0]  # rank 0's clock sizes every rank's tree
+                sized = (self.cost_rule.size(st, drafter.path_scores() if drafter is not None else None, draft_s,
+                                             backoff=mode == "draft")
                          if st is not None and self.cost_rule is not None else None)
                 if sized is not None:
                     st = sized.step
                 t1 = time.perf_counter()
                 v = verify(st.tree if st is not None else self._root_only(root), cache, context)
                 t2 = time.perf_counter()
-                self._observe(v, st, sized, drafter, m)
-                out = self._emit(v, max_new_tokens, m)
+                try:
+                    self._observe(v, st, sized, drafter, m)
+                    out = self._emit(v, max_new_tokens, m)
+                except BaseException as err:
+                    agree.fail(err)
+                    raise
+                step_s = agree.share([time.perf_counter() - t0])[0]
                 context += out
                 m.draft_time += t1 - t0
                 m.verify_time += t2 - t1
                 if self.cost_rule is not None:
-                    self.cost_rule.settle(time.perf_counter() - t0, len(v.emitted), v.plain, v.tree.tokens.numel())
+                    self.cost_rule.settle(step_s, len(v.emitted), v.plain, v.tree.tokens.numel())
                 done = len(out) < len(v.emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
                 for src in self.sources:
                     src.extend(out)
@@ -220,6 +223,41 @@ class SpeculativeGenerator:
                 yield out
                 if done:
                     return
+
+    def _check_request(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, tokenizer, logits_processor):
+        """(prompt ids ``[n]``, the ``TreeProcessor`` or None); raises on bad input before anything runs."""
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] != 1:
+            raise ValueError(f"batch size {prompt.shape[0]} > 1 is not supported: one tree per step (use batch 1)")
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("top_k", top_k, 0)
+        if seed is not None:
+            _check_int("seed", seed, 0)
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        ids = self._encode(prompt, tokenizer)
+        proc = None
+        if logits_processor is not None:
+            check_tree_processors(logits_processor)
+            if top_k or top_p < 1.0:
+                raise ValueError("with logits_processor, give top_k / top_p through the processor list "
+                                 "(c2t_fast.logits_processors), not as arguments")
+            proc = TreeProcessor(logits_processor)
+        D = max([self.strategy.max_tree_depth if self.draft is not None else 0] + [s.depth for s in self.sources])
+        # the last step's root sits at position prompt + max_new_tokens - 2 and its tree reaches D deeper
+        if self.max_positions and ids.numel() + max_new_tokens + D - 1 > self.max_positions:
+            raise ValueError(f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} + a tree of depth up "
+                             f"to {D} exceeds the target's context of {self.max_positions} positions")
+        return ids, proc
+
+    def _fingerprint(self, ids, max_new_tokens, temperature, top_p, top_k, seed, logits_processor) -> dict:
+        """What every rank of a tensor-parallel target must run alike (compared across ranks at the start)."""
+        simple = {k: v for k, v in vars(self.strategy).items() if isinstance(v, (int, float, str))}
+        return {"prompt": ids.tolist(), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "top_k": top_k, "seed": seed, "strategy": [type(self.strategy).__name__, simple],
+                "draft": type(self.draft).__name__, "sources": [type(x).__name__ for x in self.sources],
+                "budget": self.cost_rule is not None, "processors": [type(x).__name__ for x in logits_processor or ()]}
 
     def _step_mode(self) -> str:
         """"draft" (the draft grows a tree, the sources join it), "sources" (their tree alone) or "plain"."""

@@ -133,27 +133,39 @@ def measure_costs(target, lengths=LENGTHS, context: int = 128, repeats: int = 5)
                        profile_key(target, dev))
 
 
-def load_costs(target, refresh: bool = False, progress: bool = True) -> CostProfile:
-    """The target's cost profile on its device: the cached one, or measured now (and cached)."""
+def _cache_path(target) -> str:
     from ...hf.adapter import device_of
 
     key = profile_key(target, device_of(target))
-    path = os.path.join(os.environ.get("C2T_FAST_COST_DIR") or os.path.join(cache_root(), "cost_profiles"),
+    return os.path.join(os.environ.get("C2T_FAST_COST_DIR") or os.path.join(cache_root(), "cost_profiles"),
                         f"{key}.json")
-    if not refresh and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                return CostProfile(**json.load(f))
-        except (ValueError, TypeError):
-            pass  # a damaged file is measured again
+
+
+def cached_costs(target) -> CostProfile | None:
+    """The target's cached cost profile on its device, or None (none yet, or a damaged file)."""
+    path = _cache_path(target)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return CostProfile(**json.load(f))
+    except (ValueError, TypeError):
+        return None  # a damaged file is measured again
+
+
+def load_costs(target, refresh: bool = False, progress: bool = True) -> CostProfile:
+    """The target's cost profile on its device: the cached one, or measured now (and cached)."""
+    if not refresh:
+        prof = cached_costs(target)
+        if prof is not None:
+            return prof
     if progress:
         print("measuring the target's verification cost on this machine (once; cached)...", flush=True)
     prof = measure_costs(target)
+    path = _cache_path(target)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # two first runs at once each write their own
     with open(tmp, "w") as f:
         json.dump(asdict(prof), f, indent=2)
     os.replace(tmp, path)
     return prof
-
-
