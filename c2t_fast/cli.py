@@ -344,7 +344,7 @@ def _build_datastore(args) -> int:
 
 
 _HEAD_FLAGS = ("reply_tokens", "epochs", "lr", "accumulate", "steps", "draft_vocab", "loss", "layers", "seed",
-               "save_every")
+               "save_every", "precision")
 
 _GENERATOR_FLAGS = ("slots", "capacity", "max_new_tokens", "max_turn_tokens", "sample_share", "kv_dtype",
                     "magpie_prompts", "magpie_every", "seed", "shard_jobs")
@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True)
     h.add_argument("--target", default="smollm2")
     h.add_argument("--features-dir", default=None, help="where the data set's features are (recomputed when missing)")
-    _add_config_flags(h, SelfDistillTrainConfig(), _HEAD_FLAGS, {"loss": ("soft", "hard"), "layers": (1, 2)})
+    _add_config_flags(h, SelfDistillTrainConfig(), _HEAD_FLAGS, {"loss": ("soft", "hard"), "layers": (1, 2),
+                                                                 "precision": ("auto", "fp32", "bf16")})
     h.set_defaults(func=_train_head)
 
     ds = sub.add_parser("build-datastore", help="a datastore of the target's own replies (training-free draft "

@@ -119,3 +119,25 @@ def test_config_validation_and_a_data_set_without_training_jobs(tmp_path, datase
     with pytest.raises(ValueError, match="no training jobs"):
         train_selfdistilled(model, str(tmp_path / "data"), str(tmp_path / "head"), CFG, features_dir=str(tmp_path / "f"),
                             progress=False)
+
+
+def test_precision_choice_is_checked_and_resolved():
+    from c2t_fast.training import precision
+    from c2t_fast.training.selfdistill_train import SelfDistillTrainConfig
+
+    with pytest.raises(ValueError, match="precision"):
+        SelfDistillTrainConfig(precision="fp16").validate()
+    with pytest.raises(ValueError, match="precision"):
+        precision.resolve("half", torch.device("cpu"))
+    assert precision.resolve("fp32", torch.device("cpu")) == torch.float32
+    assert precision.resolve("bf16", torch.device("cpu")) == torch.bfloat16
+    assert precision.resolve("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+
+
+def test_warmup_is_at_most_a_tenth_of_the_run():
+    from c2t_fast.training.draft_head import lr_factor
+
+    # 44 steps with warmup 50 once never reached the peak rate
+    assert lr_factor(4, 44, 50) == pytest.approx(1.0)
+    assert lr_factor(0, 1000, 20) == pytest.approx(1 / 20)
+    assert lr_factor(1000, 1000, 20) == pytest.approx(0.1)

@@ -122,7 +122,9 @@ class DraftTrainConfig(HeadTrainConfig):
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.1 at ``total``."""
+    """Linear warm-up over ``warmup`` steps (at most a tenth of the run: a short run that never left its
+    warm-up trained at a fraction of its rate), then cosine from 1 to 0.1 at ``total``."""
+    warmup = min(warmup, max(1, total // 10))
     if step < warmup:
         return (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))

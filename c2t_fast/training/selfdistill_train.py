@@ -25,6 +25,7 @@ from ..hf.static_batch import StaticBatchLM
 from .draft_head import finish_training, train_loop
 from .eagle3_head import new_eagle3_head, plot_history, probe_init
 from .feature_store import FeatureStore, job_features
+from . import precision
 from .head_config import HeadTrainConfig
 from .selfdistill import default_features_dir
 from .unrolled import unrolled_logits
@@ -43,8 +44,12 @@ class SelfDistillTrainConfig(HeadTrainConfig):
     layers: int = 1  # decoder layers of the head
     probe_jobs: int = 48  # training jobs whose hidden states fit fc's linear-probe start
     heldout_jobs: int = 100
+    precision: str = "auto"  # the head's matmuls: "bf16" autocast, "fp32", "auto": bf16 where measured faster
 
     def validate(self) -> None:
+        if self.precision not in precision.CHOICES:
+            raise ValueError(f"SelfDistillTrainConfig.precision must be one of {precision.CHOICES}, got "
+                             f"{self.precision!r}")
         if self.loss not in ("soft", "hard"):
             raise ValueError(f"SelfDistillTrainConfig.loss must be 'soft' or 'hard', got {self.loss!r}")
         if self.layers not in (1, 2):
@@ -290,9 +295,12 @@ def train_selfdistilled(target, data_dir: str, out_dir: str, config: SelfDistill
     params = [p for n, p in head.named_parameters() if p.requires_grad and not n.startswith("embed_tokens")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
+    dtype = precision.resolve(cfg.precision, next(head.parameters()).device)
+
     def step_loss(ref):
         seq = data.load(ref)
-        loss, ces, accs, _ = ttt_losses(head, seq, scale, cfg)
+        with precision.autocast(dtype, next(head.parameters()).device):
+            loss, ces, accs, _ = ttt_losses(head, seq, scale, cfg)
         return loss, {"loss": loss.item(), "ce": ces, "top1": accs,
                       "positions": int(seq["teach"].sum())}
 
@@ -306,7 +314,7 @@ def train_selfdistilled(target, data_dir: str, out_dir: str, config: SelfDistill
                                               "train_jobs": len(train),
                                               "train_reply_tokens": sum(b - a for r in train for a, b, _ in r["replies"]),
                                               "heldout_jobs": len(held), "heldout_positions": validation["positions"]},
-              "draft_vocab": int(vocab_ids.numel()), "draft_vocab_coverage_heldout": coverage(data, held, vocab_ids, V),
+              "precision": str(dtype).replace("torch.", ""), "draft_vocab": int(vocab_ids.numel()), "draft_vocab_coverage_heldout": coverage(data, held, vocab_ids, V),
               "probe_residual": probe, "steps": state["step"], "heldout": validation,
               "wall_clock_s": round(time.perf_counter() - t_start, 1), "history": state["history"]}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
