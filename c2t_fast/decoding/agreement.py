@@ -89,7 +89,6 @@ class RankAgreement(Agreement):
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
         self.backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        self._failed = False
 
     def _gather(self, status: float, values: list[float]) -> list[list[float]]:
         """All ranks' (status, values) at one agreement point; raises ``RankFailure`` where any rank failed."""
@@ -112,7 +111,6 @@ class RankAgreement(Agreement):
         rows = [t.tolist() for t in out]
         bad = [r for r, row in enumerate(rows) if row[0] != 0 and r != self.rank]
         if bad:
-            self._failed = True
             raise RankFailure(f"rank {self.rank}: rank(s) {bad} failed; see their error")
         return [row[1:1 + len(values)] for row in rows]
 
@@ -132,9 +130,8 @@ class RankAgreement(Agreement):
         return out[:len(values)]
 
     def fail(self, err: BaseException) -> None:
-        if self._failed or isinstance(err, RankFailure):
+        if isinstance(err, RankFailure):
             return  # the others know already (or told us)
-        self._failed = True
         try:
             self._gather(1.0, [])
         except RankFailure:
