@@ -86,7 +86,6 @@ class RankAgreement(Agreement):
         self.dist, self.group, self.timeout_s = dist, group, float(timeout_s)
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._src = dist.get_global_rank(group, 0) if group is not None else 0
         self.backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
