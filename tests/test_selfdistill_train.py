@@ -46,7 +46,11 @@ def test_trains_saves_and_drafts_losslessly(dataset, tmp_path, variant):
     model, d = dataset
     cfg = SelfDistillTrainConfig(**{**CFG.__dict__, **variant})
     out = str(tmp_path / "head")
+    emb = model.get_input_embeddings().weight
+    was = emb.requires_grad
     report = train_selfdistilled(model, str(d / "data"), out, cfg, features_dir=str(d / "features"), progress=False)
+    # the shared (frozen) embedding took no gradient and keeps its flag
+    assert emb.grad is None and emb.requires_grad == was
     hist = report["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert report["data"]["train_jobs"] == 24 and report["data"]["heldout_jobs"] == 4

@@ -122,7 +122,7 @@ class Verifier:
             u = torch.rand(tree.tokens.numel(), dtype=torch.float64, generator=s.gen).to(logits.device)
             verdict = ops.verify_sample(tree.tokens, tree.parents, s.probs(logits), u)
         else:
-            verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.argmax(-1))
+            verdict = ops.verify_greedy(tree.tokens, tree.parents, logits.max(-1).indices)
         compact_dynamic_cache(cache, prefix, verdict.path)
         accepted = tree.tokens[verdict.path[1:]]
         return Verified(tree, verdict.path, accepted, accepted.tolist() + [int(verdict.bonus)], hidden, logits)

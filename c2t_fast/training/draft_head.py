@@ -284,7 +284,21 @@ def train_loop(head, opt, params: list, data: list, cfg, out_dir: str, step_loss
     one), ``seed`` (the sequence order of each epoch). ``step_loss(seq) -> (loss, {name: float or list of
     floats})``: the figures are averaged over each optimizer step's sequences into ``history``.
     ``step_hook(head, opt, step) -> callable``: called once (``step`` > 0 when resuming), its result
-    after every optimizer step (WISCA). ``on_step(state)``: after every optimizer step (evaluations)."""
+    after every optimizer step (WISCA). ``on_step(state)``: after every optimizer step (evaluations).
+    Parameters under the ``frozen`` prefixes (often the target's own, shared) get no gradient during the
+    run and their ``requires_grad`` is restored after it: a frozen 49k-row embedding that still took
+    gradients cost a third of each training step (its dense gradient, filled and accumulated per sequence)."""
+    frozen_params = [p for n, p in head.named_parameters() if frozen and n.startswith(frozen) and p.requires_grad]
+    for p in frozen_params:
+        p.requires_grad_(False)
+    try:
+        return _train_loop(head, opt, params, data, cfg, out_dir, step_loss, desc, progress, frozen, step_hook, on_step)
+    finally:
+        for p in frozen_params:
+            p.requires_grad_(True)
+
+
+def _train_loop(head, opt, params, data, cfg, out_dir, step_loss, desc, progress, frozen, step_hook, on_step):
     total_steps = cfg.epochs * math.ceil(len(data) / cfg.accumulate)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "checkpoint.pt")

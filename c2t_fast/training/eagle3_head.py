@@ -101,7 +101,7 @@ def ttt_losses(head: Eagle3DraftHead, seq: dict, lm_rows: torch.Tensor, steps: i
         ce = (ce_rows * keep).sum() / max(n, 1)
         total = total + decay ** i * ce
         with torch.no_grad():
-            agree = ((vocab_ids[lg.argmax(-1)] == top[i]) & valid[i]).sum().item()
+            agree = ((vocab_ids[lg.max(-1).indices] == top[i]) & valid[i]).sum().item()
         ces.append(ce.item())
         accs.append(agree / max(int(valid[i].sum()), 1))
         counts.append(int(valid[i].sum()))

@@ -211,7 +211,7 @@ def ttt_losses(head, seq: dict, scale: torch.Tensor, cfg: SelfDistillTrainConfig
         ce = (ce_rows * valid).sum() / max(cnt, 1)
         total = total + cfg.step_decay ** i * ce
         with torch.no_grad():
-            agree = ((vocab_ids[lg.argmax(-1)] == seq["top_ids"][pos, 0]) & teach).sum().item()
+            agree = ((vocab_ids[lg.max(-1).indices] == seq["top_ids"][pos, 0]) & teach).sum().item()
         ces.append(ce.item())
         accs.append(agree / max(int(teach.sum()), 1))
         counts.append(cnt)
@@ -245,7 +245,7 @@ def heldout_acceptance(head, seqs: list[dict], scale: torch.Tensor, steps: int =
                 alive &= pad_ids[rows + 2 + i] == pad_top[rows + 1 + i]
         n_alive += int(alive.sum())
         for i, lg in enumerate(logits):
-            alive = alive & (vocab[lg.argmax(-1)] == pad_top[rows + 1 + i])
+            alive = alive & (vocab[lg.max(-1).indices] == pad_top[rows + 1 + i])
             ok[i] += alive.sum()
     head.train(was)
     chain = [float(ok[i] / n_alive) if n_alive else None for i in range(steps)]

@@ -123,7 +123,7 @@ def measure_costs(target, lengths=LENGTHS, context: int = 128, repeats: int = 5)
                     _, logits = adapter.forward(toks[T], cache)
                 else:
                     _, logits = adapter.forward(toks[T], cache, b.position_ids, b.ancestor_bits)
-                logits.argmax(-1).cpu()
+                logits.max(-1).indices.cpu()
                 sync()
                 if r:  # the first round warms up
                     times[T].append(time.perf_counter() - t0)
