@@ -287,8 +287,8 @@ def train_loop(head, opt, params: list, data: list, cfg, out_dir: str, step_loss
     after every optimizer step (WISCA). ``on_step(state)``: after every optimizer step (evaluations).
     Parameters under the ``frozen`` prefixes (often the target's own, shared) get no gradient during the
     run and their ``requires_grad`` is restored after it: a frozen 49k-row embedding that still took
-    gradients cost a third of each training step (its dense gradient, filled and accumulated per sequence)."""
-    frozen_params = [p for n, p in head.named_parameters() if frozen and n.startswith(frozen) and p.requires_grad]
+    gradients cost a fifth of each training step (its dense gradient, filled and accumulated per sequence)."""
+    frozen_params = [p for n, p in head.named_parameters() if n.startswith(frozen) and p.requires_grad]
     for p in frozen_params:
         p.requires_grad_(False)
     try:

@@ -295,11 +295,12 @@ def train_selfdistilled(target, data_dir: str, out_dir: str, config: SelfDistill
     params = [p for n, p in head.named_parameters() if p.requires_grad and not n.startswith("embed_tokens")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
-    dtype = precision.resolve(cfg.precision, next(head.parameters()).device)
+    device = next(head.parameters()).device
+    dtype = precision.resolve(cfg.precision, device)
 
     def step_loss(ref):
         seq = data.load(ref)
-        with precision.autocast(dtype, next(head.parameters()).device):
+        with precision.autocast(dtype, device):
             loss, ces, accs, _ = ttt_losses(head, seq, scale, cfg)
         return loss, {"loss": loss.item(), "ce": ces, "top1": accs,
                       "positions": int(seq["teach"].sum())}
