@@ -343,6 +343,22 @@ def _build_datastore(args) -> int:
     return 0
 
 
+def _export_head(args) -> int:
+    from .decoding.drafts.export import export_head
+    from .decoding.drafts.loading import load_draft
+    from .hf.adapter import text_config
+    from .hf.loading import load_target
+
+    target, _ = load_target(args.target, fast_linear=False)
+    head = load_draft(None if args.draft == "default" else args.draft, target)
+    tc = text_config(target)
+    verifier = args.verifier or ("HuggingFaceTB/SmolLM2-135M-Instruct" if args.target == "smollm2" else args.target)
+    files = export_head(head, args.out, args.format, tc.num_hidden_layers, args.dtype, args.speculative_tokens,
+                        verifier, tuple(getattr(target.config, "architectures", None) or ("LlamaForCausalLM",)))
+    print(f"wrote {', '.join(files)} to {args.out} ({args.format} layout; read back with --draft {args.out})")
+    return 0
+
+
 _HEAD_FLAGS = ("reply_tokens", "epochs", "lr", "accumulate", "steps", "draft_vocab", "loss", "layers", "seed",
                "save_every", "precision")
 
@@ -538,6 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--distilled", action="append", help="a `c2t-fast distill-data` run (repeatable)")
     ds.add_argument("--max-tokens", type=int, default=8_000_000, help="at most this many tokens (2 bytes each)")
     ds.set_defaults(func=_build_datastore)
+
+    e = sub.add_parser("export-head", help="write a trained EAGLE-3 head in the layout SGLang (sglang) or vLLM's "
+                                           "speculators format (speculators) loads")
+    e.add_argument("--draft", required=True, help="the head directory (`c2t-fast train-head --out`)")
+    e.add_argument("--format", required=True, choices=("sglang", "speculators"))
+    e.add_argument("--out", required=True, help="a new or empty directory")
+    e.add_argument("--target", default="smollm2")
+    e.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    e.add_argument("--speculative-tokens", type=int, default=3, help="speculators: the greedy proposal's length")
+    e.add_argument("--verifier", default=None, help="speculators: the target's hub id or path (default: "
+                                                    "HuggingFaceTB/SmolLM2-135M-Instruct for the shipped target)")
+    e.set_defaults(func=_export_head)
     return p
 
 

@@ -14,8 +14,8 @@ from c2t_fast.decoding.drafts.loading import load_draft
 from c2t_fast.training.generator import GeneratorConfig
 from c2t_fast.training.prompts import Job
 from c2t_fast.training.selfdistill import generate_data
-from c2t_fast.training.selfdistill_train import (SelfDistillData, SelfDistillTrainConfig, heldout_acceptance,
-                                                 train_selfdistilled)
+from c2t_fast.training.selfdistill_train import (SelfDistillData, SelfDistillTrainConfig, evaluate_head,
+                                                 heldout_acceptance, train_selfdistilled, with_hidden)
 from support import load_smollm2, tiny_smollm2_twin
 
 WORDS = ["red", "blue", "one", "two", "cat", "dog", "sun", "rain", "yes", "no", "tree", "sea"]
@@ -67,6 +67,8 @@ def test_trains_saves_and_drafts_losslessly(dataset, tmp_path, variant):
     held = [data.load(r) for r in data.refs("heldout")]
     again = heldout_acceptance(head, held, torch.ones(held[0]["aux"].shape[1]))
     assert again["chain"] == pytest.approx(acc["chain"], abs=0.02)
+    assert evaluate_head(model, head, str(d / "data"), str(d / "features"), progress=False) == \
+        heldout_acceptance(head, held)
     from c2t_fast.decoding.engine import SpeculativeGenerator
     from c2t_fast.decoding.strategies import Chain
 
@@ -93,6 +95,32 @@ def test_soft_and_hard_losses_agree_on_a_one_hot_teacher(dataset):
     assert soft[1] == pytest.approx(hard[1], rel=1e-5) and soft[3] == hard[3]
     real = ttt_losses(head, seq, scale, SelfDistillTrainConfig(loss="soft"))
     assert real[3][0] >= hard[3][0]  # soft labels reach rows whose argmax is outside the draft vocabulary
+
+
+def test_an_eagle1_head_is_measured_on_the_same_positions(dataset):
+    """The shipped kind of head (EAGLE-1: the target's last hidden state) is scored on the positions every
+    EAGLE-3 scaling run is; its draft columns are mapped to target ids before they are compared."""
+    from c2t_fast.decoding.drafts import EagleDraftHead
+    from c2t_fast.training.eagle3_head import new_eagle3_head
+
+    model, d = dataset
+    data = SelfDistillData(str(d / "data"), str(d / "features"))
+    data.store(model)
+    refs = data.refs("heldout")
+    eagle3 = new_eagle3_head(model, torch.arange(0, 49152, 7), data.feature_layers)
+    base = heldout_acceptance(eagle3, [data.load(r) for r in refs])
+    head = EagleDraftHead(model.config).attach(model).eval()
+    with pytest.raises(ValueError, match="with_hidden"):
+        heldout_acceptance(head, [data.load(r) for r in refs])
+    full = evaluate_head(model, head, str(d / "data"), str(d / "features"), progress=False)
+    assert full["positions"] == base["positions"] > 0 and all(0 <= c <= 1 for c in full["chain"])
+    seqs = with_hidden(model, data, refs)
+    tops = torch.cat([s["top"] for s in seqs]).unique()
+    head.restrict_vocab(torch.tensor([i for i in range(0, 49152, 5) if i not in set(tops.tolist())]))
+    assert heldout_acceptance(head, seqs)["chain"][0] == 0.0  # no column can draft a target argmax
+    head.restrict_vocab(tops)  # every column a target argmax: a pick of column j is token tops[j]
+    picks = heldout_acceptance(head, seqs)["chain"][0]
+    assert picks >= full["chain"][0] - 1e-9  # a vocabulary of only the right answers cannot accept less
 
 
 def test_missing_features_are_recomputed_from_the_ids(dataset, tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..decoding.drafts import eagle3_feature_layers
+from ..decoding.drafts import Eagle3DraftHead, eagle3_feature_layers
 from ..hf import adapter as hf
 from ..hf.static_batch import StaticBatchLM
 from .draft_head import finish_training, train_loop
@@ -219,21 +219,31 @@ def ttt_losses(head, seq: dict, scale: torch.Tensor, cfg: SelfDistillTrainConfig
 
 
 @torch.no_grad()
-def heldout_acceptance(head, seqs: list[dict], scale: torch.Tensor, steps: int = 3) -> dict:
+def heldout_acceptance(head, seqs: list[dict], scale: torch.Tensor | None = None, steps: int = 3) -> dict:
     """Greedy acceptance along a drafted chain on held-out greedy replies: ``chain[i]``, the share of
     positions whose first i+1 drafted tokens all equal the target's argmax; ``conditional[i]`` the
     (i+1)-th given the first i. Counted at positions whose next ``steps`` tokens are teacher positions and
-    whose data tokens follow the target's argmax (the chain a greedy draft is verified on)."""
+    whose data tokens follow the target's argmax (the chain a greedy draft is verified on).
+    Any feature head: an EAGLE-3 head reads ``aux`` (divided by ``scale`` while fc trains on standardised
+    features; None: the raw features a saved head reads), an EAGLE-1 head ``hidden`` (``with_hidden``)."""
     was = head.training
     head.eval()
     ok = torch.zeros(steps)
     n_alive = 0
-    vocab = head.vocab_ids_or_all()
+    eagle3 = isinstance(head, Eagle3DraftHead)
+    vocab = head.vocab_ids_or_all() if eagle3 else head.vocab_ids_on("cpu")
     for seq in seqs:
         ids, lf, n = seq["ids"], seq["loss_from"], seq["ids"].numel()
         if n - 1 - lf < 1:
             continue
-        logits = unrolled_logits(head, ids, seq["aux"].float() / scale, steps, lf)
+        if eagle3:
+            feats = seq["aux"].float() if scale is None else seq["aux"].float() / scale
+        elif "hidden" in seq:
+            feats = seq["hidden"].float()
+        else:
+            raise ValueError("heldout_acceptance: an EAGLE-1 head reads the target's last hidden state; load the "
+                             "held-out jobs with with_hidden(target, data, refs)")
+        logits = unrolled_logits(head, ids, feats, steps, lf)
         rows = torch.arange(lf, n - 1)
         pad_ids = torch.cat([ids, ids.new_zeros(steps + 1)])
         pad_teach = torch.cat([seq["teach"], torch.zeros(steps + 1, dtype=torch.bool)])
@@ -245,7 +255,8 @@ def heldout_acceptance(head, seqs: list[dict], scale: torch.Tensor, steps: int =
                 alive &= pad_ids[rows + 2 + i] == pad_top[rows + 1 + i]
         n_alive += int(alive.sum())
         for i, lg in enumerate(logits):
-            alive = alive & (vocab[lg.max(-1).indices] == pad_top[rows + 1 + i])
+            pick = lg.max(-1).indices
+            alive = alive & ((pick if vocab is None else vocab[pick]) == pad_top[rows + 1 + i])
             ok[i] += alive.sum()
     head.train(was)
     chain = [float(ok[i] / n_alive) if n_alive else None for i in range(steps)]
@@ -253,7 +264,21 @@ def heldout_acceptance(head, seqs: list[dict], scale: torch.Tensor, steps: int =
     return {"chain": chain, "conditional": cond, "positions": n_alive, "expected_accepted": sum(c or 0.0 for c in chain)}
 
 
-def _probe_sample(target, data: SelfDistillData, refs: list[dict]) -> list[dict]:
+@torch.no_grad()
+def evaluate_head(target, head, data_dir: str, features_dir: str | None = None, heldout_jobs: int = 100,
+                  steps: int = 3, progress: bool = True) -> dict:
+    """``heldout_acceptance`` of a saved head (any feature head: the shipped EAGLE-1 one too) on the data
+    set's first ``heldout_jobs`` held-out jobs, the positions every scaling run is measured on."""
+    data = SelfDistillData(data_dir, features_dir)
+    held = data.refs("heldout", limit=heldout_jobs)
+    if not held:
+        raise ValueError(f"the data set in {data_dir} has no held-out jobs")
+    data.ensure_features(target, held, progress)
+    seqs = [data.load(r) for r in held] if isinstance(head, Eagle3DraftHead) else with_hidden(target, data, held)
+    return heldout_acceptance(head, seqs, None, steps)
+
+
+def with_hidden(target, data: SelfDistillData, refs: list[dict]) -> list[dict]:
     """Jobs with the target's post-norm last hidden state (recomputed: the store keeps the fused features)."""
     lm = StaticBatchLM(target, 1, data.meta["config"]["capacity"])
     out = []
@@ -285,7 +310,7 @@ def train_selfdistilled(target, data_dir: str, out_dir: str, config: SelfDistill
     V = hf.vocab_size(target)
     vocab_ids = reply_vocabulary(data, train, min(cfg.draft_vocab, V), V)
     head = new_eagle3_head(target, vocab_ids, data.feature_layers, extra_layers=cfg.layers - 1)
-    sample = _probe_sample(target, data, train[:cfg.probe_jobs])
+    sample = with_hidden(target, data, train[:cfg.probe_jobs])
     X = torch.cat([s["aux"].float() for s in sample])
     rms = X.pow(2).mean(0).sqrt()
     scale = rms.clamp(min=1e-3 * float(rms.mean()) + 1e-12)  # fc trains on standardised features (eagle3_head)

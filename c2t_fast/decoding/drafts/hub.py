@@ -15,7 +15,10 @@ Ht = the target's):
   [., 2H]``, ``o_proj``, ``mlp.*``; ``norm.weight [H]``; ``lm_head.weight [draft_vocab, H]``; ``d2t
   [draft_vocab]`` (target id = i + d2t[i]) and ``t2d [V]`` (bool); config fields ``draft_vocab_size``,
   ``target_hidden_size``. Input feature: the residual stream entering target layers 2, N/2 and N-3
-  (``eagle_aux_hidden_state_layer_ids`` in the config overrides them).
+  (``eagle_aux_hidden_state_layer_ids`` in the config overrides them: read as SGLang reads it, layer
+  outputs, unless the config is ours (``draft_type``) or the speculators format's). The speculators format
+  (``speculators_model_type: "eagle3"``) nests the layer's config in ``transformer_layer_config`` and names
+  further decoder layers ``layers.{i}.*``; its norm variants other than the paper's are refused.
 
 Weights are ``model.safetensors`` or ``pytorch_model.bin``; an optional ``model.`` prefix on every key is
 accepted. A head whose shapes do not fit the target, or whose files hold unknown or missing tensors, is
@@ -128,21 +131,72 @@ def load_eagle1(path: str, target, state: dict | None = None) -> EagleDraftHead:
     return head.attach(target).eval()
 
 
+def _aux_layer_ids(raw: dict, n: int, path: str) -> tuple[int, ...]:
+    """The target layers whose input streams the head fuses, in this package's convention (transformers'
+    ``hidden_states[i]``). Our own heads (``draft_type``) and the speculators format write that convention;
+    any other config is read as SGLang reads it: explicit ids are layer outputs, shifted by one when the
+    first id is 1 (sgl-project/sglang#25454), and absent ids mean (2, N/2, N-3)."""
+    ids = raw.get("eagle_aux_hidden_state_layer_ids")
+    if not ids:
+        return eagle3_feature_layers(n)
+    if not isinstance(ids, list) or len(ids) != 3 or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"draft head {path!r}: eagle_aux_hidden_state_layer_ids must be three layer ids, got {ids!r}")
+    if raw.get("draft_type") != "eagle3" and "speculators_model_type" not in raw and ids[0] == 1:
+        return tuple(i + 1 for i in ids)
+    return tuple(ids)
+
+
+def _speculators_layer_config(raw: dict, path: str) -> dict:
+    """The speculators format's flat view: its ``transformer_layer_config`` with the head's own fields."""
+    if raw.get("speculators_model_type") != "eagle3":
+        raise ValueError(f"draft head {path!r}: speculators_model_type {raw.get('speculators_model_type')!r} is not "
+                         "an EAGLE-3 speculator")
+    for flag in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output"):
+        # vLLM reads a missing norm_before_residual as true; the speculators library as false
+        if raw.get(flag, flag == "norm_before_residual"):
+            raise ValueError(f"draft head {path!r}: {flag} is {'true' if flag in raw else 'absent (vLLM: true)'}; "
+                             "only the EAGLE-3 paper's layer (all four false) is supported")
+    layer = raw.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise ValueError(f"draft head {path!r}: transformer_layer_config must be an object")
+    return {**layer, **{k: raw[k] for k in ("draft_vocab_size", "target_hidden_size",
+                                            "eagle_aux_hidden_state_layer_ids", "speculators_model_type") if k in raw}}
+
+
 def load_eagle3(path: str, target, state: dict | None = None) -> Eagle3DraftHead:
-    """A published EAGLE-3 head (``midlayer.*`` or ``layers.0.*`` layout), attached to ``target``
-    (``state``: its weights, if already read)."""
+    """A published EAGLE-3 head (``midlayer.*`` or ``layers.0.*`` layout; SGLang's or the speculators
+    format's config), attached to ``target`` (``state``: its weights, if already read)."""
     raw = read_config(path)
+    if isinstance(raw, dict) and "speculators_model_type" in raw:
+        raw = _speculators_layer_config(raw, path)
     cfg = _head_config(raw, path)
     tc = hf.text_config(target)
     Ht = int(raw.get("target_hidden_size") or cfg.hidden_size)
     _check_width(cfg, target, path, "target_hidden_size", Ht, tc.hidden_size)
     _check_width(cfg, target, path, "vocab_size", cfg.vocab_size, hf.vocab_size(target))
     draft_vocab = int(raw.get("draft_vocab_size") or cfg.vocab_size)
-    n = tc.num_hidden_layers
-    layers = tuple(raw.get("eagle_aux_hidden_state_layer_ids") or eagle3_feature_layers(n))
+    layers = _aux_layer_ids(raw, tc.num_hidden_layers, path)
     state = dict(state) if state is not None else read_weights(path)
     prefix = "midlayer." if any(k.startswith("midlayer.") for k in state) else "layers.0."
-    state = {("midlayer." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+    def ours(k: str) -> str:  # layers.{i >= 1}.*: speculators' further decoder layers
+        if k.startswith(prefix):
+            return "midlayer." + k[len(prefix):]
+        head, _, rest = k.partition(".")
+        idx, _, name = rest.partition(".")
+        if head == "layers" and idx.isdigit() and int(idx) >= 1 and prefix == "layers.0.":
+            return f"extra_layers.{int(idx) - 1}.layer.{name}"
+        return k
+
+    def theirs(k: str) -> str:
+        if k.startswith("midlayer."):
+            return prefix + k[len("midlayer."):]
+        if k.startswith("extra_layers."):
+            idx, _, name = k[len("extra_layers."):].partition(".")
+            return f"layers.{int(idx) + 1}.{name[len('layer.'):]}"
+        return k
+
+    state = {ours(k): v for k, v in state.items()}
     t2d = state.pop("t2d", None)
     d2t = state.pop("d2t", None)
     if t2d is not None and t2d.numel() != cfg.vocab_size:
@@ -152,7 +206,7 @@ def load_eagle3(path: str, target, state: dict | None = None) -> Eagle3DraftHead
     if "embed_tokens.weight" in state:
         head.embed_tokens, head.own_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size), True
     expected = {k: v.shape for k, v in head.state_dict().items() if not k.startswith("rotary.") and k != "d2t"}
-    _check_shapes(state, expected, path, lambda k: prefix + k[len("midlayer."):] if k.startswith("midlayer.") else k)
+    _check_shapes(state, expected, path, theirs)
     head.load_state_dict(state, strict=False)
     if d2t is not None:
         if d2t.numel() != draft_vocab:
