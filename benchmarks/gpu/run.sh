@@ -3,7 +3,8 @@
 # gpu-marked test (the tree ops' CUDA kernels against their references, the compiled Triton kernels,
 # the WISCA CUDA kernel, and the engine end to end on CUDA: every strategy and draft, greedy output equal
 # to generate(do_sample=False), seeded sampling), then every do_bench microbenchmark as one table (also
-# written to $OUT/gpu_table.md when $OUT is set).
+# written to $OUT/gpu_table.md when $OUT is set); with 2+ GPUs, a tensor-parallel target over 2 of them
+# (benchmarks/gpu/tensor_parallel.py under torchrun: lossless on every rank, the agreement's cost).
 # Usage (on a CUDA machine, repository root): bash benchmarks/gpu/run.sh
 # Needs torch (CUDA), triton, transformers, pytest; nothing is downloaded.
 set -euo pipefail
@@ -26,6 +27,17 @@ set +e
 timeout 360 "$PY" -m pytest -q $gpu_files -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
 status=${PIPESTATUS[0]}
 set -e
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -ge 2 ]; then
+  echo "== multi-GPU: a tensor-parallel target over 2 GPUs (NCCL)"
+  set +e
+  timeout 180 "$PY" -m torch.distributed.run --nproc-per-node 2 benchmarks/gpu/tensor_parallel.py 2>&1 | tee "$out/gpu_tp.log" | tail -12
+  tp=${PIPESTATUS[0]}
+  set -e
+  [ "$tp" -eq 0 ] || status=$tp
+else
+  echo "== multi-GPU: skipped ($ngpu GPU; needs 2)"
+fi
 echo "== microbenchmarks (do_bench medians)"
 "$PY" benchmarks/gpu/microbench.py | tee "$out/gpu_table.md"
 exit "$status"
