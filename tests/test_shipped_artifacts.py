@@ -52,6 +52,18 @@ def test_shipped_classifier_loads_by_default():
     assert clf.config.features == ["P", "H", "d"]
 
 
+def test_shipped_datastore_loads_by_default():
+    """`--datastore default` reads the datastore inside the package (c2t_fast/data/datastore)."""
+    from c2t_fast.decoding.drafts.datastore import DEFAULT_DIR, load_datastore
+    from c2t_fast.decoding.drafts.loading import load_sources
+
+    assert os.path.isfile(os.path.join(DEFAULT_DIR, "tokens.npy")), DEFAULT_DIR
+    meta = json.load(open(os.path.join(DEFAULT_DIR, "meta.json")))
+    assert len(load_datastore()) == meta["tokens"] > 0
+    model, _ = _smollm2()
+    assert len(load_sources("default", False, model)["datastore"]) == meta["tokens"]
+
+
 def test_generation_with_the_shipped_artifacts_is_the_targets_greedy_output():
     model, tok = _smollm2()
     ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colors."}],

@@ -38,7 +38,13 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compare-datastore", default=None, metavar="DIR",
+                    help="also run every datastore row with this datastore (rows marked '(DIR name)'), side by side")
     args = ap.parse_args(argv)
+    rows_run = list(ROWS)
+    if args.compare_datastore:
+        tag = os.path.basename(os.path.normpath(args.compare_datastore))
+        rows_run += [(f"{label} ({tag})", h, n, args.compare_datastore, r) for label, h, n, ds, r in ROWS if ds]
     os.makedirs(args.out, exist_ok=True)
     target, tok = load_target()
     adapter, stop = TargetAdapter(target), chat_stop_ids(tok)
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
                 n += adapter.generate(ids, args.tokens, stop_ids=stop, prompt_lookup_tokens=lookup).numel()
                 t += time.perf_counter() - t0
             rows[label] = {"tokens_per_s": n / t}
-        for label, use_head, ngram, ds, rec in ROWS:
+        for label, use_head, ngram, ds, rec in rows_run:
             gen = SpeculativeGenerator(target, head if use_head else None, stop_token_ids=stop, ngram=ngram,
                                        budget="auto", **load_sources(ds, rec, target))
             n = t = steps = acc = verified = plain = 0

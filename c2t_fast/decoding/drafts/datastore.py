@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SEP = 0xFFFF  # between documents (no vocabulary here reaches 65,535 ids: uint16 corpora only)
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "datastore")
+DEFAULT_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "data",
+                                           "datastore"))  # c2t_fast/data/datastore
 
 
 @dataclass
