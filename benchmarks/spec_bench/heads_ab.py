@@ -17,6 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from c2t_fast.bench import PROMPT_LOOKUP_TOKENS, read_prompts  # noqa: E402
 from c2t_fast.decoding.engine import SpeculativeGenerator  # noqa: E402
@@ -24,12 +25,13 @@ from c2t_fast.decoding.drafts.loading import load_draft  # noqa: E402
 from c2t_fast.decoding.strategies import Chain  # noqa: E402
 from c2t_fast.hf.adapter import TargetAdapter, chat_stop_ids, encode_chat  # noqa: E402
 from c2t_fast.hf.loading import load_target  # noqa: E402
+from ratio_table import HEADER, ratio_lines  # noqa: E402
 
 SPEC_BENCH = os.environ.get("SPEC_BENCH", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
                                                         "spec_bench"))
 
 
-def _heads(spec: str) -> dict[str, str | None]:
+def parse_heads(spec: str) -> dict[str, str | None]:
     out = {}
     for item in spec.split(","):
         name, sep, path = item.partition("=")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    heads = _heads(args.heads)
+    heads = parse_heads(args.heads)
     os.makedirs(args.out, exist_ok=True)
     target, tok = load_target()
     adapter, stop = TargetAdapter(target), chat_stop_ids(tok)
@@ -57,8 +59,7 @@ def main(argv=None) -> int:
         gens[f"{name} default"] = SpeculativeGenerator(target, head, stop_token_ids=stop)
         gens[f"{name} chain4"] = SpeculativeGenerator(target, head, Chain(4), stop_token_ids=stop, ngram=None,
                                                       budget=None)
-    table = ["| set | row | tokens/s | vs plain | vs prompt lookup | tau | verified/step | plain steps |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    table = list(HEADER)
     results = {}
     for set_name in args.sets.split(","):
         prompts = [encode_chat(tok, t) for _, _, t in read_prompts(os.path.join(SPEC_BENCH, f"{set_name}.jsonl"),
@@ -86,14 +87,10 @@ def main(argv=None) -> int:
                 r.update(tau=a["accepted"] / a["steps"], verified_per_step=a["verified"] / a["steps"],
                          plain_share=a["plain"] / a["steps"])
             rows[label] = r
-        ar, pl = rows["plain"]["tokens_per_s"], rows["prompt lookup"]["tokens_per_s"]
-        for label, r in rows.items():
-            r.update(vs_plain=r["tokens_per_s"] / ar, vs_prompt_lookup=r["tokens_per_s"] / pl)
-            table.append(f"| {set_name} | {label} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f} | "
-                         f"{r['vs_prompt_lookup']:.2f} | {r.get('tau', float('nan')):.2f} | "
-                         f"{r.get('verified_per_step', float('nan')):.1f} | {r.get('plain_share', float('nan')):.0%} |")
+        lines = ratio_lines(set_name, rows)
+        table += lines
         results[set_name] = rows
-        print("\n".join(table[-len(rows):]), flush=True)
+        print("\n".join(lines), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"heads": heads, "limit": args.limit, "tokens": args.tokens, "results": results}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -16,12 +16,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from c2t_fast.bench import PROMPT_LOOKUP_TOKENS, read_prompts  # noqa: E402
 from c2t_fast.decoding.engine import SpeculativeGenerator  # noqa: E402
 from c2t_fast.decoding.drafts.loading import load_draft, load_sources  # noqa: E402
 from c2t_fast.hf.adapter import TargetAdapter, chat_stop_ids, encode_chat  # noqa: E402
 from c2t_fast.hf.loading import load_target  # noqa: E402
+from ratio_table import HEADER, ratio_lines  # noqa: E402
 
 SPEC_BENCH = os.environ.get("SPEC_BENCH", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
                                                         "spec_bench"))
@@ -49,8 +51,7 @@ def main(argv=None) -> int:
     target, tok = load_target()
     adapter, stop = TargetAdapter(target), chat_stop_ids(tok)
     head = load_draft(None, target)
-    table = ["| set | row | tokens/s | vs plain | vs prompt lookup | tau | verified/step | plain steps |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    table = list(HEADER)
     results = {}
     for name in args.sets.split(","):
         prompts = [encode_chat(tok, t) for _, _, t in read_prompts(os.path.join(SPEC_BENCH, f"{name}.jsonl"), args.limit)]
@@ -72,14 +73,10 @@ def main(argv=None) -> int:
                 acc, verified, plain = acc + sum(m.accepted), verified + m.gamma, plain + m.plain_steps
             rows[label] = {"tokens_per_s": n / t, "tau": acc / steps, "verified_per_step": verified / steps,
                            "plain_share": plain / steps}
-        ar, pl = rows["plain"]["tokens_per_s"], rows["prompt lookup"]["tokens_per_s"]
-        for label, r in rows.items():
-            r.update(vs_plain=r["tokens_per_s"] / ar, vs_prompt_lookup=r["tokens_per_s"] / pl)
-            table.append(f"| {name} | {label} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f} | {r['vs_prompt_lookup']:.2f}"
-                         f" | {r.get('tau', float('nan')):.2f} | {r.get('verified_per_step', float('nan')):.1f}"
-                         f" | {r.get('plain_share', float('nan')):.0%} |")
+        lines = ratio_lines(name, rows)
+        table += lines
         results[name] = rows
-        print("\n".join(table[-len(rows):]), flush=True)
+        print("\n".join(lines), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"limit": args.limit, "tokens": args.tokens, "results": results}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
