@@ -360,6 +360,69 @@ def fuzz_skinny_linear(data):
         ["skinny_linear", "x", "weight", "bias"], compare)
 
 
+@given(st.data())
+def fuzz_datastore_lookup(data):
+    """Corpora with few distinct tokens (long matches, many occurrences), both bytes of a token in use, SEP
+    inside and at the ends; contexts drawn from the corpus's own tokens or anything (negative, >= SEP,
+    huge). A corrupt ``order`` (a position past the corpus) must be refused when the search reads it and
+    never crash; that case is not compared (the reference reads every entry, the kernel only its probes)."""
+    draw = data.draw
+    import numpy as np
+    from c2t_fast.decoding.drafts.datastore import _sort_positions
+
+    N, key_len = draw(st.integers(0, 120)), draw(st.integers(2, 8))
+    alphabet = draw(st.sampled_from([[0, 1], [1, 2, 3], [7, 0x0100, 0x0107, 0xFFFE], [5, 0xFFFF, 6]]))
+    corpus = np.array([draw(st.sampled_from(alphabet)) for _ in range(N)], dtype=np.uint16)
+    order = _sort_positions(corpus, key_len).view(np.int32)
+    tokens, order_t = torch.from_numpy(corpus.copy()), torch.from_numpy(order.copy())
+    ctx = draw(st.lists(st.one_of(st.sampled_from(alphabet), st.integers(0, 70000)), max_size=12))
+    depth, max_nodes = draw(st.integers(1, 8)), draw(st.sampled_from([1, 2, 5, 16, 40]))
+    min_match, max_occ = draw(st.integers(1, key_len)), draw(st.sampled_from([1, 3, 7, 48]))
+    corrupt = draw(st.sampled_from(["none"] * 8 + ["ctx_negative", "ctx_huge", "order_value", "order_dtype",
+                                                   "order_len", "tokens_dtype", "tokens_stride", "key_len",
+                                                   "depth", "max_nodes", "min_match", "max_occurrences"]))
+    if corrupt == "ctx_negative":
+        ctx = ctx + [draw(st.sampled_from([-1, -(2 ** 31), -(2 ** 63)]))]
+    elif corrupt == "ctx_huge":
+        ctx = ctx + [draw(st.sampled_from(HUGE[:5]))]
+    elif corrupt == "order_value" and N:
+        order_t[draw(st.integers(0, N - 1))] = draw(st.sampled_from([-1, N, 2 ** 31 - 1, -(2 ** 31)]))
+    elif corrupt == "order_dtype":
+        order_t = order_t.to(draw(st.sampled_from([torch.int64, torch.uint8])))
+    elif corrupt == "order_len":
+        order_t = torch.cat([order_t, torch.zeros(1, dtype=torch.int32)])
+    elif corrupt == "tokens_dtype":
+        tokens = tokens.to(torch.int32)
+    elif corrupt == "tokens_stride" and N > 1:
+        tokens = torch.stack([tokens, tokens], 1)[:, 0]
+    elif corrupt == "key_len":
+        key_len = draw(st.sampled_from([0, 1, 33, -1]))
+    elif corrupt == "depth":
+        depth = draw(st.sampled_from([0, 65, -3]))
+    elif corrupt == "max_nodes":
+        max_nodes = draw(st.sampled_from([0, 1025, -1]))
+    elif corrupt == "min_match":
+        min_match = draw(st.sampled_from([0, key_len + 1]))
+    elif corrupt == "max_occurrences":
+        max_occ = draw(st.sampled_from([0, 4097]))
+
+    def call():
+        return OPS.datastore_lookup(tokens, order_t, ctx, key_len, depth, max_nodes, min_match, max_occ)
+
+    names = ["datastore_lookup", "tokens", "order", "context", "key_len", "depth", "max_nodes", "min_match",
+             "max_occurrences"]
+    if corrupt == "order_value":
+        try:
+            call()
+        except ValueError as err:
+            assert "order" in str(err), str(err)
+        tally["refused"] += 1
+        return
+
+    run(call, lambda: reference.datastore_lookup(tokens, order_t, ctx, key_len, depth, max_nodes, min_match, max_occ),
+        [tokens, order_t], names, exact)
+
+
 def _fuzzer(case, **kw):
     @given(st.data())
     def fuzz(data):
@@ -562,7 +625,8 @@ FUZZERS = {"build_tree": fuzz_build_tree, "prune_tree": fuzz_prune_tree, "rerank
            "tree_attention": fuzz_tree_attention, "score_children": fuzz_score_children,
            "score_children_triton": fuzz_score_children_triton, "tree_attention_triton": fuzz_tree_attention_triton,
            "_score_tail": fuzz_score_tail, "rescale_attention_": fuzz_rescale_attention,
-           "skinny_linear": fuzz_skinny_linear, "decode_attention": fuzz_decode_attention}
+           "skinny_linear": fuzz_skinny_linear, "decode_attention": fuzz_decode_attention,
+           "datastore_lookup": fuzz_datastore_lookup}
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,7 @@ def test_lookup_equals_brute_force(seed):
         ctx = [x for x in tokens[i - rng.randint(2, 10):i].tolist() if x != SEP] or [1, 2]
         if rng.random() < 0.3:
             ctx = ctx + [rng.randrange(12)]
-        found, want = store.lookup(ctx, depth=4, max_nodes=1000, max_occurrences=10 ** 6), _brute(tokens, ctx, 8, 4)
+        found, want = store.lookup(ctx, depth=4, max_nodes=1000, max_occurrences=4096), _brute(tokens, ctx, 8, 4)
         if want is None:
             assert found is None
             continue

@@ -287,3 +287,59 @@ def decode_attention(q, k, v, lengths, scale: float):
     keep = torch.arange(C, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # [B, C]
     s = s.masked_fill(~keep[:, None, :], float("-inf"))
     return torch.einsum("bhc,bhcd->bhd", torch.softmax(s, -1), vf).to(q.dtype)
+
+
+def datastore_lookup(tokens, order, context, key_len: int, depth: int, max_nodes: int, min_match: int,
+                     max_occurrences: int):
+    """Brute-force reference of the datastore's lookup: tokens uint16 ``[N]`` (SEP = 65535 between documents),
+    order int32 ``[N]`` (positions sorted by their first ``key_len`` tokens' bytes), context a list of ids ->
+    int64 ``[3 + 3 * max_nodes]``: (match, occurrences, nodes), then tokens, parents, counts (``max_nodes``
+    each; -1 / -1 / 0 past the tree). Every suffix length is tried from the longest down against every
+    sorted position; the trie is a dict."""
+    sep = 0xFFFF
+    out = torch.full((3 + 3 * max_nodes,), -1, dtype=torch.int64)
+    out[:3] = 0
+    out[3 + 2 * max_nodes:] = 0
+    ctx = list(context)[-key_len:]
+    if any(t < 0 for t in ctx):
+        raise ValueError("datastore_lookup: context holds a negative token id")
+    corpus = tokens.to(torch.int64).tolist()
+    N = len(corpus)
+    if len(ctx) < min_match or any(t >= sep for t in ctx) or N == 0:
+        return out
+    pos = order.to(torch.int64).tolist()
+
+    def text(p, m):
+        return [corpus[p + j] if p + j < N else sep for j in range(m)]
+
+    for m in range(len(ctx), min_match - 1, -1):
+        hits = [i for i, p in enumerate(pos) if text(p, m) == ctx[len(ctx) - m:]]
+        if hits:
+            break
+    else:
+        return out
+    a, n = hits[0], len(hits)
+    assert hits == list(range(a, a + n)), "a query's matches are one range of a sorted index"
+    picks = list(range(a, a + n)) if n <= max_occurrences else [a + (r * n) // max_occurrences
+                                                                 for r in range(max_occurrences)]
+    node, parent, token, count, level = {}, [], [], [], []
+    for i in picks:
+        at = -1
+        for t in text(pos[i] + m, depth):
+            if t == sep:
+                break
+            if (at, t) not in node:
+                node[(at, t)] = len(token)
+                parent.append(at), token.append(t), count.append(0), level.append(level[at] + 1 if at >= 0 else 1)
+            at = node[(at, t)]
+            count[at] += 1
+    if not token:
+        return out
+    chosen = sorted(range(len(token)), key=lambda i: (-count[i], level[i], i))[:max_nodes]
+    chosen.sort(key=lambda i: (level[i], -count[i], i))
+    where = {i: j for j, i in enumerate(chosen)}
+    for j, i in enumerate(chosen):
+        out[3 + j], out[3 + 2 * max_nodes + j] = token[i], count[i]
+        out[3 + max_nodes + j] = where[parent[i]] if parent[i] >= 0 else -1
+    out[:3] = torch.tensor([m, n, len(chosen)])
+    return out

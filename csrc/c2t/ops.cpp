@@ -1,6 +1,6 @@
 // Every operator schema of c2t_fast, in one place, and the tree ops' CPU kernels. The other C++ kernels
-// register beside their code (score_tail_cpu.cpp, skinny_linear_cpu.cpp, decode_attention_cpu.cpp), the
-// tree ops' CUDA kernels in tree_ops_cuda.cpp (built only with a CUDA toolchain); the Python kernels
+// register beside their code (score_tail_cpu.cpp, skinny_linear_cpu.cpp, decode_attention_cpu.cpp,
+// datastore_cpu.cpp), the tree ops' CUDA kernels in tree_ops_cuda.cpp (built only with a CUDA toolchain); the Python kernels
 // (Triton launchers, CPU composites, CUDA fallbacks) and every fake kernel in c2t_fast/kernels/<family>.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -41,6 +41,9 @@ TORCH_LIBRARY(c2t_fast, m) {
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
+  // datastore_cpu.cpp: the longest-suffix lookup of decoding.drafts.datastore (CPU only: the corpus stays there)
+  m.def("datastore_lookup(Tensor tokens, Tensor order, int[] context, int key_len, int depth, int max_nodes, "
+        "int min_match, int max_occurrences) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(c2t_fast, CPU, m) {
