@@ -67,6 +67,37 @@ def token_embedding(model) -> torch.nn.Module:
     return model.get_input_embeddings()
 
 
+_REPLICA = "_c2t_fast_replica"
+
+
+def replicated(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` (an ``nn.Embedding`` or ``nn.Linear`` of a target) itself when its weights are plain tensors;
+    when they are a tensor-parallel target's shards (DTensors), a frozen plain copy with the full weights on
+    the shard's device, gathered once and kept on the module: what a draft head replicated on every rank
+    reads (the target's own module keeps its sharded forward)."""
+    weight = module.weight
+    if not hasattr(weight, "full_tensor"):
+        return module
+    copy = getattr(module, _REPLICA, None)
+    if copy is None:
+        full = weight.full_tensor().detach()
+        if isinstance(module, torch.nn.Embedding):
+            copy = torch.nn.Embedding.from_pretrained(full, freeze=True, padding_idx=module.padding_idx)
+        elif isinstance(module, torch.nn.Linear):
+            bias = module.bias
+            copy = torch.nn.Linear(full.shape[1], full.shape[0], bias=bias is not None, device=full.device,
+                                   dtype=full.dtype)
+            with torch.no_grad():
+                copy.weight.copy_(full)
+                if bias is not None:
+                    copy.bias.copy_(bias.full_tensor() if hasattr(bias, "full_tensor") else bias)
+            copy.requires_grad_(False)
+        else:
+            raise TypeError(f"cannot replicate a sharded {type(module).__name__} (only Embedding and Linear)")
+        object.__setattr__(module, _REPLICA, copy)  # not a submodule: the target's state dict is unchanged
+    return copy
+
+
 def vocab_size(model) -> int:
     """Rows of the LM head: the ids a draft for ``model`` must cover."""
     return lm_head(model).weight.shape[0]

@@ -69,11 +69,12 @@ def smollm2_cache_dir(dtype: torch.dtype = torch.float32) -> str:
     return os.path.join(cache_root(), f"smollm2-135m-instruct-{k['source_version']}-c2t{k['c2t_fast']}-{k['dtype']}")
 
 
-def _load_dir(d: str, dtype: torch.dtype, **kw):
+def _load_dir(d: str, dtype: torch.dtype, tp_plan: str | None = None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(d, **kw)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **kw)
+    tp = {"tp_plan": tp_plan} if tp_plan else {}
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **tp, **kw)
     return model.eval(), tokenizer
 
 
@@ -117,6 +118,14 @@ def _write_cache(model, tokenizer, d: str, dtype: torch.dtype) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def converted_smollm2_dir(dtype: torch.dtype = torch.float32) -> str:
+    """:func:`smollm2_cache_dir`, converted first when it is not yet (what a sharded load reads)."""
+    d = smollm2_cache_dir(dtype)
+    if not _converted(d, dtype):
+        load_smollm2(dtype)
+    return d
+
+
 _SHIPPED = "_c2t_fast_shipped"  # set on the shipped target: its shipped draft head is the default draft
 
 
@@ -131,13 +140,17 @@ def _tagged(model, tokenizer):
 
 
 @functools.lru_cache(maxsize=2)
-def load_smollm2(dtype: torch.dtype = torch.float32):
+def load_smollm2(dtype: torch.dtype = torch.float32, tp_plan: str | None = None):
     """(model, tokenizer) of SmolLM2-135M-Instruct (cached per process). The tokenizer's EOS is ``<|im_end|>``.
 
     The first call de-quantises the package's GGUF file and saves it under :func:`smollm2_cache_dir`;
     later calls (and later processes) load that directory. A cache that cannot be written is reported
-    once and the model is used as converted.
+    once and the model is used as converted. ``tp_plan`` ("auto"): sharded over the ranks of a
+    ``torchrun`` launch with transformers' tensor parallelism, loaded from the converted directory (each
+    rank converts first if it must; the cache's rename makes that safe).
     """
+    if tp_plan:
+        return _tagged(*_load_dir(converted_smollm2_dir(dtype), dtype, tp_plan=tp_plan))
     src = smollm2_dir()
     d = smollm2_cache_dir(dtype)
     if _converted(d, dtype):

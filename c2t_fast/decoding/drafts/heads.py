@@ -38,10 +38,10 @@ class FeatureHead(Draft):
 
     def _attach_embedding(self, target) -> None:
         if not self.own_embedding:
-            self.embed_tokens = hf.token_embedding(target)
+            self.embed_tokens = hf.replicated(hf.token_embedding(target))
 
     def _shares_embedding(self, target) -> bool:
-        return self.own_embedding or self.embed_tokens is hf.token_embedding(target)
+        return self.own_embedding or self.embed_tokens is hf.replicated(hf.token_embedding(target))
 
     def _feed(self, tokens, features, visible):
         n = tokens.shape[-1]
@@ -111,14 +111,14 @@ class EagleDraftHead(FeatureHead):
             if getattr(tc, key) != getattr(self.config, key):
                 raise ValueError(f"the draft was built for a target with {key} {getattr(self.config, key)}, this "
                                  f"target has {getattr(tc, key)}")
-        if attached and (not self._shares_embedding(target) or self.lm_head is not hf.lm_head(target)):
+        if attached and (not self._shares_embedding(target) or self.lm_head is not hf.replicated(hf.lm_head(target))):
             raise ValueError("the draft head is not attached to this target (embed_tokens / lm_head are another "
                              "model's or missing); call head.attach(target)")
 
     def attach(self, target) -> "EagleDraftHead":
         """Share the target's (frozen) embedding and LM head."""
         self._attach_embedding(target)
-        self.lm_head = hf.lm_head(target)
+        self.lm_head = hf.replicated(hf.lm_head(target))  # a sharded target's: a full copy per rank
         return self.restrict_vocab(self.vocab_ids)
 
     def restrict_vocab(self, ids: torch.Tensor | None) -> "EagleDraftHead":
