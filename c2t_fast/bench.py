@@ -20,6 +20,7 @@ from .decoding.engine import SpeculativeGenerator
 from .decoding import defaults
 from .decoding.defaults import make_strategy  # noqa: F401  (c2t_fast.bench.make_strategy, as before)
 from .decoding.drafts.loading import load_draft, load_sources
+from .decoding.metrics import Metrics
 from .decoding.strategies import STRATEGIES, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
 from .kernels.skinny_linear import stock_linear
@@ -95,7 +96,7 @@ def parse_sweeps(values: list[str] | None) -> list[dict]:
     for spec in values or []:
         key, _, vals = spec.partition("=")
         key = key.replace("-", "_")
-        key = "top_k" if key == "top_k_tree" else key  # the CLI's name of the tree's K
+        key = defaults.param_name(key)
         if key not in kinds or not vals:
             raise ValueError(f"--sweep {spec!r}: expected NAME=v1,v2 with NAME in {sorted(kinds)}")
         try:
@@ -154,8 +155,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop,
                                            ngram=setting.get("ngram", 0), budget=setting.get("budget"),
                                            **load_sources(setting.get("datastore"), setting.get("recycling"), target))
-            tot = {"steps": 0, "accepted": 0, "gamma": 0, "new_tokens": 0, "time": 0.0, "draft": 0.0, "verify": 0.0,
-                   "plain_steps": 0}
+            tot = Metrics()  # the row: every prompt's generation accumulated
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,
                                                       disable=not progress)):
                 ids = encode_chat(tok, text)
@@ -163,17 +163,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     n, dt = _baseline(adapter, ids, name, cfg, stop, cfg.seed + i)
                     rec = {"strategy": name, "question_id": qid, "category": cat, "new_tokens": n,
                            "total_time_s": round(dt, 4), "tokens_per_s": round(n / dt, 2)}
-                    tot["new_tokens"] += n
-                    tot["time"] += dt
+                    tot.add(Metrics(new_tokens=n, total_time=dt))
                 else:
                     out = gen.generate(ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        seed=cfg.seed + i if cfg.temperature > 0 else None)
-                    m = out.metrics
-                    rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **m.summary()}
-                    for key, value in (("steps", m.steps), ("accepted", sum(m.accepted)), ("gamma", m.gamma),
-                                       ("new_tokens", m.new_tokens), ("time", m.total_time), ("draft", m.draft_time),
-                                       ("verify", m.verify_time), ("plain_steps", m.plain_steps)):
-                        tot[key] += value
+                    rec = {"strategy": name, **setting, "question_id": qid, "category": cat, **out.metrics.summary()}
+                    tot.add(out.metrics)
                 f.write(json.dumps(rec) + "\n")
             rows.append(_row(name, setting, tot))
             # the row a user gets with no flags: the main job's strategy and settings, shipped draft and classifier
@@ -212,15 +207,15 @@ def _baseline(adapter: TargetAdapter, ids, name: str, cfg: BenchConfig, stop, se
         return new.numel(), time.perf_counter() - t
 
 
-def _row(name: str, setting: dict, tot: dict) -> dict:
-    steps = tot["steps"]
+def _row(name: str, setting: dict, tot: Metrics) -> dict:
+    steps = tot.steps
     per_step = (lambda x: x / steps) if steps else (lambda x: None)
-    return {"strategy": name, "setting": setting, "tau": per_step(tot["accepted"]),
-            "accept_length": per_step(tot["new_tokens"]), "gamma_per_step": per_step(tot["gamma"]),
-            "gamma": tot["gamma"], "new_tokens": tot["new_tokens"],
-            "tokens_per_s": tot["new_tokens"] / max(tot["time"], 1e-9),
-            "draft_time_s": tot["draft"], "verify_time_s": tot["verify"],
-            "plain_share": per_step(tot.get("plain_steps", 0))}
+    return {"strategy": name, "setting": setting, "tau": per_step(sum(tot.accepted)),
+            "accept_length": per_step(tot.new_tokens), "gamma_per_step": per_step(tot.gamma),
+            "gamma": tot.gamma, "new_tokens": tot.new_tokens,
+            "tokens_per_s": tot.new_tokens / max(tot.total_time, 1e-9),
+            "draft_time_s": tot.draft_time, "verify_time_s": tot.verify_time,
+            "plain_share": per_step(tot.plain_steps)}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -34,7 +34,9 @@ _TREE_FLAGS = {"beta": "C2T confidence threshold", "top_k": "K: children kept pe
 
 
 def _flag_dest(param: str) -> str:
-    return "top_k_tree" if param == "top_k" else param
+    from .decoding.defaults import flag_name
+
+    return flag_name(param)
 
 
 def _defaults(param: str) -> str:
@@ -123,54 +125,15 @@ def _strategy_params(args) -> dict:
 
 
 def _generate(args) -> int:
-    import time
+    from .decoding.main_job import MainJob, run_main_job
 
-    from .decoding.defaults import make_strategy
-    from .decoding.engine import SpeculativeGenerator
-    from .decoding.drafts.loading import load_draft, load_sources
-    from .decoding.metrics import Metrics
-    from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
-    from .kernels.skinny_linear import fast_linear_installed
-    from .hf.loading import load_target
-
-    target, tok = load_target(args.target, device=args.device, fast_linear=False if args.stock_linear else None)
-    ids = encode_chat(tok, args.prompt)
-    stop = chat_stop_ids(tok)
-    extra = {f: getattr(args, f) for f in _PROCESSOR_FLAGS if getattr(args, f) is not None}
-    if args.strategy == "ar":
-        t = time.perf_counter()
-        new = TargetAdapter(target).generate(ids, args.max_new_tokens, stop_ids=stop, temperature=args.temperature,
-                                             top_p=args.top_p, top_k=args.top_k, **extra)
-        dt = time.perf_counter() - t
-        print(tok.decode(new, skip_special_tokens=True))
-        print(json.dumps({"strategy": "ar", "new_tokens": new.numel(), "tokens_per_s": round(new.numel() / dt, 2)}))
-        return 0
-    draft = load_draft(args.draft, target, args.draft_full_vocab)
-    strategy = make_strategy(args.strategy, args.classifier, _strategy_params(args))
-    gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=args.ngram,
-                               budget=None if args.budget == "none" else args.budget,
-                               **load_sources(args.datastore, args.recycling, target))
-    m, tokens = Metrics(), []
-    procs, sampling = None, dict(top_p=args.top_p, top_k=args.top_k)
-    if extra:  # transformers' own processors, in generate()'s order, applied per tree node
-        from .hf.adapter import logits_processors
-
-        procs = logits_processors(target, ids.numel(), eos=stop, temperature=args.temperature, top_k=args.top_k or None,
-                                  top_p=args.top_p, **extra)
-        sampling = dict(top_p=1.0, top_k=0)
-    for chunk in gen.stream(ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed, metrics=m,
-                            logits_processor=procs, **sampling):
-        tokens += chunk
-        print(tok.decode(chunk, skip_special_tokens=True), end="", flush=True)
-    print()
-    if not args.no_baseline:
-        m.baseline_time = gen.time_autoregressive(ids, len(tokens))
-    s = m.summary()
-    print(f"tau {s['tau']:.2f} | gamma {s['gamma']} ({s['gamma_per_step']}/step) | {s['tokens_per_s']} tokens/s"
-          + (f" | n-gram nodes {s['ngram_nodes']}" if args.ngram else "")
-          + (f" | plain steps {s['plain_steps']}/{s['steps']} (cost rule)" if args.budget != "none" else "")
-          + (f" | speed-up {s['speedup']:.2f}x over plain decoding" if s["speedup"] else "")
-          + (" (linear layers: skinny kernel)" if s["speedup"] and fast_linear_installed(target) else ""))
+    run_main_job(MainJob(
+        prompt=args.prompt, target=args.target, device=args.device, stock_linear=args.stock_linear, draft=args.draft,
+        draft_full_vocab=args.draft_full_vocab, strategy=args.strategy, classifier=args.classifier,
+        params=_strategy_params(args), ngram=args.ngram, budget=args.budget, datastore=args.datastore,
+        recycling=args.recycling, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, baseline=not args.no_baseline,
+        processors={f: getattr(args, f) for f in _PROCESSOR_FLAGS if getattr(args, f) is not None}))
     return 0
 
 
@@ -241,49 +204,30 @@ def _head_dir(spec: str | None) -> str | None:
 
 
 def _train_draft(args) -> int:
-    from .hf.adapter import text_config, vocab_size
+    from .hf.adapter import vocab_size
     from .hf.loading import load_target
-    from .training.draft_head import DraftTrainConfig, cache_hidden_states, encode_conversations, train_draft
-    from .training.sharegpt import sharegpt_conversations
+    from .training.draft_head import DraftTrainConfig, train_draft_on_text
 
     if args.init and args.head != "eagle1":
         raise ValueError("train-draft: --init fine-tunes an EAGLE-1 head (--head eagle1)")
     target, tok = load_target(args.target)
-    cache = args.cache or os.path.join(args.out, "feature_cache")
-    if args.distilled:  # the target's own replies (c2t-fast distill-data): trained on the reply, the prompt is context
-        from itertools import chain
-
-        from .training.distill import distilled_sequences
-
-        # several runs in the order given: a cache resumes by count, so only the last one may still grow
-        sequences = chain.from_iterable(distilled_sequences(d, args.max_len, with_loss_from=True)
-                                        for d in args.distilled)
-    else:
-        sequences = encode_conversations(tok, sharegpt_conversations(limit=args.conversations), args.max_len)
-    layers = None
     if args.head == "eagle3":
-        from .decoding.drafts import eagle3_feature_layers
-
-        layers = eagle3_feature_layers(text_config(target).num_hidden_layers)
-    elif os.path.isfile(os.path.join(cache, "meta.json")):  # an EAGLE-3 cache serves an EAGLE-1 head too
-        with open(os.path.join(cache, "meta.json")) as f:
-            layers = json.load(f).get("feature_layers")
-    meta = cache_hidden_states(target, sequences, cache, args.token_budget, feature_layers=layers)
-    print(f"cached {meta['tokens']} tokens of {meta['sequences']} sequences in {cache}")
-    if args.head == "eagle3":
-        from .training.eagle3_head import Eagle3TrainConfig, train_eagle3
+        from .training.eagle3_head import Eagle3TrainConfig
 
         cfg = Eagle3TrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
                                 steps=args.ttt_steps, draft_vocab=args.loss_vocab or vocab_size(target),
                                 val_fraction=args.held_out, eval_every=args.eval_every,
                                 probe_init=not args.no_probe_init)
-        report = train_eagle3(target, cache, args.out, cfg)
     else:
         cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, accumulate=args.accumulate, save_every=args.save_every,
                                init_from_target=args.warm_start, weight_cls=args.weight_cls, loss_vocab=args.loss_vocab,
                                draft_vocab=not args.no_draft_vocab, val_fraction=args.held_out,
                                init_from=_head_dir(args.init))
-        report = train_draft(target, cache, args.out, cfg)
+    report = train_draft_on_text(target, tok, args.out, cfg, distilled=tuple(args.distilled or ()),
+                                 conversations=args.conversations, max_len=args.max_len, cache_dir=args.cache,
+                                 token_budget=args.token_budget)
+    meta = report["cache"]
+    print(f"cached {meta['tokens']} tokens of {meta['sequences']} sequences in {meta['dir']}")
     last = report["history"][-1] if report["history"] else {}
     print(json.dumps({"steps": report["steps"], "tokens": report["tokens"], **last}, indent=2))
     print(f"wrote the draft head to {args.out} (use it with --draft {args.out})")

@@ -67,3 +67,29 @@ def test_the_bench_labels_the_default_row(tmp_path, capsys):
     flagged = [(r["strategy"], r["setting"]) for r in rows if r.get("default")]
     assert flagged == [("c2t", {"ngram": 10, "budget": "auto"})]
     assert "c2t (default)" in capsys.readouterr().out
+
+
+def test_the_tree_k_flag_maps_to_the_strategy_parameter_both_ways():
+    from c2t_fast.bench import parse_sweeps
+    from c2t_fast.decoding.defaults import flag_name, param_name
+
+    assert flag_name("top_k") == "top_k_tree" and param_name("top_k_tree") == "top_k"
+    assert all(param_name(flag_name(p)) == p for p in ("beta", "top_k", "depth", "total_tokens"))
+    assert parse_sweeps(["top-k-tree=4,8"]) == [{"top_k": 4}, {"top_k": 8}]
+
+
+def test_a_bench_row_accumulates_the_runs_metrics():
+    from c2t_fast.bench import _row
+    from c2t_fast.decoding.metrics import Metrics
+
+    a = Metrics(steps=3, accepted=[1, 0, 2], draft_tokens=[4, 0, 5], new_tokens=6, plain_steps=1, draft_time=0.5,
+                verify_time=1.0, total_time=2.0, source_nodes={"ngram": 2}, ngram_nodes=2)
+    b = Metrics(steps=2, accepted=[3, 1], draft_tokens=[6, 2], new_tokens=6, total_time=1.0, source_nodes={"ngram": 1,
+                "datastore": 4}, baseline_time=3.0)
+    tot = Metrics().add(a).add(b)
+    assert (tot.steps, tot.accepted, tot.gamma, tot.new_tokens, tot.plain_steps) == (5, [1, 0, 2, 3, 1], 17, 12, 1)
+    assert tot.source_nodes == {"ngram": 3, "datastore": 4} and tot.ngram_nodes == 2 and tot.baseline_time == 3.0
+    row = _row("c2t", {}, tot)
+    assert row["tau"] == 7 / 5 and row["gamma_per_step"] == 17 / 5 and row["tokens_per_s"] == 12 / 3.0
+    assert row["plain_share"] == 1 / 5 and _row("ar", {}, Metrics(new_tokens=4, total_time=2.0))["tau"] is None
+    assert a.steps == 3 and a.source_nodes == {"ngram": 2}  # the added runs are not changed

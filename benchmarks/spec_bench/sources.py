@@ -1,5 +1,5 @@
 """Training-free draft sources ablated on spec_bench sets (issue #31), one process per set so every row is
-timed side by side: plain decoding, transformers' prompt lookup, the sources alone (no draft: n-gram,
+timed side by side (rows interleaved per prompt): plain decoding, transformers' prompt lookup, the sources alone (no draft: n-gram,
 datastore, recycling, all three) and the shipped head with them (the default main job, then with the
 datastore and recycling too). Every speculative row runs the cost rule (budget auto).
 
@@ -42,8 +42,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--compare-datastore", default=None, metavar="DIR",
                     help="also run every datastore row with this datastore (rows marked '(DIR name)'), side by side")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated row labels to run (default: all); plain and prompt lookup always run")
     args = ap.parse_args(argv)
     rows_run = list(ROWS)
+    if args.rows:
+        wanted = args.rows.split(",")
+        unknown = sorted(set(wanted) - {label for label, *_ in ROWS})
+        if unknown:
+            ap.error(f"--rows: unknown {unknown}; rows are {[label for label, *_ in ROWS]}")
+        rows_run = [r for r in ROWS if r[0] in wanted]
     if args.compare_datastore:
         tag = os.path.basename(os.path.normpath(args.compare_datastore))
         rows_run += [(f"{label} ({tag})", h, n, args.compare_datastore, r) for label, h, n, ds, r in ROWS if ds]
@@ -55,24 +63,29 @@ def main(argv=None) -> int:
     results = {}
     for name in args.sets.split(","):
         prompts = [encode_chat(tok, t) for _, _, t in read_prompts(os.path.join(SPEC_BENCH, f"{name}.jsonl"), args.limit)]
-        rows = {}
-        for label, lookup in (("plain", 0), ("prompt lookup", PROMPT_LOOKUP_TOKENS)):
-            n = t = 0.0
-            for ids in prompts:
+        # rows interleaved per prompt: a drift of the machine's speed during the run lands on every row alike
+        gens = {label: SpeculativeGenerator(target, head if use_head else None, stop_token_ids=stop, ngram=ngram,
+                                            budget="auto", **load_sources(ds, rec, target))
+                for label, use_head, ngram, ds, rec in rows_run}
+        tally = {label: dict(n=0, t=0.0, steps=0, acc=0, verified=0, plain=0) for label in ["plain", "prompt lookup",
+                                                                                           *gens]}
+        for ids in prompts:
+            for label, lookup in (("plain", 0), ("prompt lookup", PROMPT_LOOKUP_TOKENS)):
                 t0 = time.perf_counter()
-                n += adapter.generate(ids, args.tokens, stop_ids=stop, prompt_lookup_tokens=lookup).numel()
-                t += time.perf_counter() - t0
-            rows[label] = {"tokens_per_s": n / t}
-        for label, use_head, ngram, ds, rec in rows_run:
-            gen = SpeculativeGenerator(target, head if use_head else None, stop_token_ids=stop, ngram=ngram,
-                                       budget="auto", **load_sources(ds, rec, target))
-            n = t = steps = acc = verified = plain = 0
-            for ids in prompts:
-                m = gen.generate(ids, args.tokens).metrics
-                n, t, steps = n + m.new_tokens, t + m.total_time, steps + m.steps
-                acc, verified, plain = acc + sum(m.accepted), verified + m.gamma, plain + m.plain_steps
-            rows[label] = {"tokens_per_s": n / t, "tau": acc / steps, "verified_per_step": verified / steps,
-                           "plain_share": plain / steps}
+                tally[label]["n"] += adapter.generate(ids, args.tokens, stop_ids=stop,
+                                                      prompt_lookup_tokens=lookup).numel()
+                tally[label]["t"] += time.perf_counter() - t0
+            for label, gen in gens.items():
+                m, c = gen.generate(ids, args.tokens).metrics, tally[label]
+                c["n"], c["t"], c["steps"] = c["n"] + m.new_tokens, c["t"] + m.total_time, c["steps"] + m.steps
+                c["acc"], c["verified"], c["plain"] = c["acc"] + sum(m.accepted), c["verified"] + m.gamma, \
+                    c["plain"] + m.plain_steps
+        rows = {}
+        for label, c in tally.items():
+            rows[label] = {"tokens_per_s": c["n"] / c["t"]}
+            if c["steps"]:
+                rows[label].update(tau=c["acc"] / c["steps"], verified_per_step=c["verified"] / c["steps"],
+                                   plain_share=c["plain"] / c["steps"])
         lines = ratio_lines(name, rows)
         table += lines
         results[name] = rows

@@ -18,6 +18,17 @@ STRATEGY = "c2t"
 BUDGET = "auto"
 NGRAM_TOKENS = 10
 DEFAULT = "default"  # an argument left at this means "the main job's setting"
+TREE_K_FLAG = "top_k_tree"  # the tree's K on the command line and in sweeps: --top-k is the target's sampling
+
+
+def flag_name(param: str) -> str:
+    """The command-line / sweep name of strategy parameter ``param``."""
+    return TREE_K_FLAG if param == "top_k" else param
+
+
+def param_name(flag: str) -> str:
+    """The strategy parameter a command-line / sweep name sets (the inverse of ``flag_name``)."""
+    return "top_k" if flag == TREE_K_FLAG else flag
 
 
 def describe() -> str:

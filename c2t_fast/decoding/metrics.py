@@ -39,6 +39,26 @@ class Metrics:
     def speedup(self) -> float | None:
         return self.baseline_time / self.total_time if self.baseline_time and self.total_time else None
 
+    def add(self, other: "Metrics") -> "Metrics":
+        """Accumulate ``other`` (another generation's measurements) into this one: a benchmark row over many
+        prompts is one ``Metrics``. Returns self."""
+        self.steps += other.steps
+        self.accepted += other.accepted
+        self.draft_tokens += other.draft_tokens
+        self.new_tokens += other.new_tokens
+        self.ngram_nodes += other.ngram_nodes
+        for mine, theirs in ((self.source_nodes, other.source_nodes), (self.source_accepted, other.source_accepted)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+        self.plain_steps += other.plain_steps
+        self.prefill_time += other.prefill_time
+        self.draft_time += other.draft_time
+        self.verify_time += other.verify_time
+        self.total_time += other.total_time
+        if other.baseline_time is not None:
+            self.baseline_time = (self.baseline_time or 0.0) + other.baseline_time
+        return self
+
     def summary(self) -> dict:
         return {"steps": self.steps, "tau": round(self.tau, 4), "gamma": self.gamma,
                 "gamma_per_step": round(self.gamma / max(1, self.steps), 2), "new_tokens": self.new_tokens,

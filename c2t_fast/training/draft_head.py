@@ -384,3 +384,38 @@ def _plot(history: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def train_draft_on_text(target, tokenizer, out_dir: str, config, *, distilled: tuple = (),
+                        conversations: int | None = None, max_len: int = 1024, cache_dir: str | None = None,
+                        token_budget: int = 300_000) -> dict:
+    """``c2t-fast train-draft``: cache the target's features of its training text (the target's own replies in
+    the ``distill-data`` runs ``distilled``, in that order, else ``conversations`` ShareGPT conversations), then
+    train a head on the cache: an EAGLE-3 head when ``config`` is an ``Eagle3TrainConfig`` (three-layer
+    features), else an EAGLE-1 head (``DraftTrainConfig``; an EAGLE-3 cache serves it too). ``cache_dir``
+    (default ``out_dir/feature_cache``) resumes by count. Returns the training report, ``cache`` added (the
+    cache's meta)."""
+    from itertools import chain
+
+    from ..decoding.drafts import eagle3_feature_layers
+    from .eagle3_head import Eagle3TrainConfig, train_eagle3
+    from .sharegpt import sharegpt_conversations
+
+    cache = cache_dir or os.path.join(out_dir, "feature_cache")
+    if distilled:  # trained on the reply, the prompt is context
+        from .distill import distilled_sequences
+
+        # several runs in the order given: a cache resumes by count, so only the last one may still grow
+        sequences = chain.from_iterable(distilled_sequences(d, max_len, with_loss_from=True) for d in distilled)
+    else:
+        sequences = encode_conversations(tokenizer, sharegpt_conversations(limit=conversations), max_len)
+    eagle3 = isinstance(config, Eagle3TrainConfig)
+    layers = None
+    if eagle3:
+        layers = eagle3_feature_layers(text_config(target).num_hidden_layers)
+    elif os.path.isfile(os.path.join(cache, "meta.json")):  # an EAGLE-3 cache serves an EAGLE-1 head too
+        with open(os.path.join(cache, "meta.json")) as f:
+            layers = json.load(f).get("feature_layers")
+    meta = cache_hidden_states(target, sequences, cache, token_budget, feature_layers=layers)
+    report = train_eagle3(target, cache, out_dir, config) if eagle3 else train_draft(target, cache, out_dir, config)
+    return {**report, "cache": {**meta, "dir": cache}}
