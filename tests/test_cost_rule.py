@@ -280,3 +280,30 @@ def test_first_runs_at_once_and_damaged_profiles(tmp_path, monkeypatch):
                 '{"lengths": [1, 2], "verify_s": [NaN, 0.2]}', '{"lengths": [2, 1], "verify_s": [0.1, 0.2]}'):
         path.write_text(bad)
         assert load_costs(target, progress=False).verify_s == [0.1, 0.2]
+
+
+def test_a_draft_whose_steps_emit_slower_than_the_free_branches_alone_is_probed_not_run():
+    """Realized rates decide between draft and sources steps: after one of each, a draft losing to the
+    sources runs only as probes after 4, 8, 16 sources steps; a draft that wins runs every step again."""
+    rule = CostRule(flat(0.1, 0.001), probe_every=4, max_plain=16)
+
+    def step(mode, emitted, seconds):
+        rule.settle(seconds, emitted, False, 5, mode)
+
+    assert rule.step_mode(True, True) == "draft"
+    step("draft", 2, 0.2)  # 10 tokens/s
+    assert rule.step_mode(True, True) == "sources"  # no sources rate yet: measure one
+    step("sources", 3, 0.1)  # 30 tokens/s
+    modes = []
+    for _ in range(40):
+        mode = rule.step_mode(True, True)
+        modes.append(mode)
+        step(mode, 2 if mode == "draft" else 3, 0.2 if mode == "draft" else 0.1)
+    draft_at = [i for i, m in enumerate(modes) if m == "draft"]
+    assert draft_at[:3] == [0, 5, 14] and len(draft_at) == 4  # probes after 4, 8, 16 (capped) sources steps
+    rule.reset()
+    step("draft", 4, 0.1)  # 40 tokens/s
+    assert rule.step_mode(True, True) == "sources"
+    step("sources", 1, 0.1)  # 10 tokens/s: the draft wins
+    assert [rule.step_mode(True, True) for _ in range(5)] == ["draft"] * 5
+    assert rule.step_mode(True, False) == "draft"  # without sources nothing changes

@@ -209,7 +209,7 @@ class SpeculativeGenerator:
                 m.draft_time += t1 - t0
                 m.verify_time += t2 - t1
                 if self.cost_rule is not None:
-                    self.cost_rule.settle(step_s, len(v.emitted), v.plain, v.tree.tokens.numel())
+                    self.cost_rule.settle(step_s, len(v.emitted), v.plain, v.tree.tokens.numel(), mode)
                 done = len(out) < len(v.emitted) or out[-1] in self.stop or m.new_tokens >= max_new_tokens
                 for src in self.sources:
                     src.extend(out)

@@ -13,7 +13,11 @@ When the best expected rate of a speculative step falls below a plain decoding s
 the engine runs plain steps (no draft call) for a while, then probes again. The probes are charged to
 their own account: every speculative step's gain or loss against a plain step's measured time is
 summed, and while the losses exceed ``loss_share`` (3%) of the time so far only plain steps run, so a
-draft that never pays costs at most that share (and one step).
+draft that never pays costs at most that share (and one step). With training-free sources beside the
+draft, a step can also skip the draft call and verify the sources' tree alone: the rule keeps the realized
+rate (emitted tokens per second) of each kind of step and, while the draft's steps emit more slowly than
+the sources' alone, runs sources steps, probing the draft after 4, 8, ... of them (a head that does not pay
+on a prompt costs its probes, not every step).
 """
 
 from __future__ import annotations
@@ -111,13 +115,28 @@ class CostRule:
         self.account = 0.0  # seconds speculative steps gained (+) or lost (-) against plain steps
         self.elapsed = 0.0  # seconds of every step so far
         self.plain_s = None  # a plain step's measured time (running mean), None before the first
+        self.rate = {"draft": None, "sources": None}  # realized tokens/s of each kind of step (running mean)
+        self.sources_left = 0  # sources steps before the draft's next probe
+        self.draft_wait = self.probe_every
 
-    def settle(self, step_s: float, emitted: int, plain: bool, verified: int = 1) -> None:
+    def settle(self, step_s: float, emitted: int, plain: bool, verified: int = 1, mode: str | None = None) -> None:
         """A step took ``step_s`` seconds, verified ``verified`` tree tokens and emitted ``emitted``: the
         account and the plain step's measured time follow. With ``draft_cost`` set, the step is charged
-        what the profile says it costs instead (machine-independent, like the sizing)."""
+        what the profile says it costs instead (machine-independent, like the sizing; a sources step is
+        charged no drafting). ``mode``: the step's kind (``step_mode``), whose realized rate decides
+        between draft and sources steps."""
         if self.draft_cost is not None:
-            step_s = self.profile.verify(1) if plain else self.draft_cost + self.profile.verify(verified)
+            drafting = self.draft_cost if mode != "sources" else 0.0
+            step_s = self.profile.verify(1) if plain else drafting + self.profile.verify(verified)
+        if mode in self.rate and step_s > 0:  # an empty tree too: that is what such steps delivered
+            old, r = self.rate[mode], emitted / step_s
+            self.rate[mode] = r if old is None else 0.7 * old + 0.3 * r
+            if mode == "draft" and self.rate["sources"] is not None:
+                if self.rate["draft"] < self.rate["sources"]:  # the draft's steps lose to the free branches
+                    self.sources_left = self.draft_wait
+                    self.draft_wait = min(2 * self.draft_wait, self.max_plain)
+                else:
+                    self.draft_wait = self.probe_every
         self.elapsed += step_s
         if plain:
             self.plain_s = step_s if self.plain_s is None else 0.8 * self.plain_s + 0.2 * step_s
@@ -171,12 +190,18 @@ class CostRule:
         """The next step's kind: "draft" (the draft grows a tree, the sources join it), "sources" (no draft
         call: the training-free sources' tree alone, sized like any other) or "plain". The draft's own
         backoff (``after_step``) turns draft steps into sources steps, not into plain ones: a head that does
-        not pay leaves the free branches in place; the account (``in_debt``) stops all speculation."""
+        not pay leaves the free branches in place, and so does a draft whose steps emit more slowly than the
+        sources' alone (``settle``); the account (``in_debt``) stops all speculation."""
         if self.in_debt():
             return "plain"
         if self.plain_left > 0 or not draft:
             self.plain_left = max(self.plain_left - 1, 0) if draft else self.plain_left
             return "sources" if sources else "plain"
+        if sources and self.rate["draft"] is not None and self.rate["sources"] is None:
+            return "sources"  # one step of the free branches alone, so the two kinds can be compared
+        if sources and self.sources_left > 0:
+            self.sources_left -= 1
+            return "sources"
         return "draft"
 
     def estimate(self, scores: torch.Tensor, path_scores: bool, parents: list, source: torch.Tensor,
