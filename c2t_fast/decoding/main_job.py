@@ -49,7 +49,6 @@ def run_main_job(job: MainJob, write=print) -> Metrics | None:
     from ..hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from ..hf.loading import launched_ranks, load_target
     from ..kernels.skinny_linear import fast_linear_installed
-    from .defaults import make_strategy
     from .drafts.loading import load_draft, load_sources
     from .engine import SpeculativeGenerator
 
@@ -69,7 +68,7 @@ def run_main_job(job: MainJob, write=print) -> Metrics | None:
             echo(json.dumps({"strategy": "ar", "new_tokens": new.numel(), "tokens_per_s": round(new.numel() / dt, 2)}))
             return None
         draft = load_draft(job.draft, target, job.draft_full_vocab)
-        strategy = make_strategy(job.strategy, job.classifier, job.params)
+        strategy = defaults.make_strategy(job.strategy, job.classifier, job.params)
         gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop, ngram=job.ngram,
                                    budget=None if job.budget == "none" else job.budget,
                                    **load_sources(job.datastore, job.recycling, target))
