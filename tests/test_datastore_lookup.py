@@ -34,6 +34,7 @@ def test_matches_the_reference_on_random_corpora(seed):
             out = ops.datastore_lookup(tok_t, ord_t, ctx, *args)
             want = reference.datastore_lookup(tok_t, ord_t, ctx, *args)
             assert out.dtype == torch.int64 and torch.equal(out, want), (ctx, args, out, want)
+            assert torch.equal(ops.prepared_lookup(tok_t, ord_t, *args)(ctx), want)
             found += int(out[2]) > 0
     assert found > 60  # most lookups found a suffix: the comparison is not between empty answers
 
@@ -101,3 +102,31 @@ def test_the_wrapper_refuses_a_context_that_is_not_a_list_of_ints():
     for ctx in (torch.tensor([1, 2]), [1.0, 2.0], "12"):
         with pytest.raises(ValueError, match="context"):
             family.datastore_lookup(tokens, order, ctx, 4, 3, 4, 2, 8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_ranges_end_where_the_reference_says(seed):
+    """Suffixes occurring hundreds of times: the range's end is galloped to from its start, so its every
+    distance from the start (powers of two and between) must land where the reference's does."""
+    rng = np.random.default_rng(seed + 1000 * int(torch.randint(0, 1000, ())))
+    tokens = rng.choice(np.array([5, 6], dtype=np.uint16), 3000)
+    tokens[rng.random(3000) < 0.01] = SEP
+    order = torch.from_numpy(_sort_positions(tokens, 6).view(np.int32))
+    tok_t = torch.from_numpy(tokens)
+    for _ in range(30):
+        ctx = [int(t) for t in rng.choice([5, 6], int(rng.integers(1, 10)))]
+        args = (6, 4, 16, 1, int(rng.choice([8, 4096])))
+        want = reference.datastore_lookup(tok_t, order, ctx, *args)
+        assert torch.equal(ops.datastore_lookup(tok_t, order, ctx, *args), want), ctx
+        assert int(want[1]) > 20  # the matched suffix occurs many times
+
+
+def test_a_prepared_lookup_refuses_bad_settings_before_any_call():
+    tokens = np.array([1, 2, 1, 2, 3], dtype=np.uint16)
+    tok_t, ord_t = torch.from_numpy(tokens), torch.from_numpy(_sort_positions(tokens, 4).view(np.int32))
+    for bad, name in (((1, 3, 4, 2, 8), "key_len"), ((4, 0, 4, 2, 8), "depth"), ((4, 3, 4, 5, 8), "min_match")):
+        with pytest.raises(ValueError, match=name):
+            ops.prepared_lookup(tok_t, ord_t, *bad)
+    run = ops.prepared_lookup(tok_t, ord_t, 4, 3, 4, 2, 8)
+    with pytest.raises(ValueError, match="context"):
+        run([1, -2])  # the kernel's own check

@@ -57,3 +57,17 @@ def datastore_lookup(tokens: torch.Tensor, order: torch.Tensor, context: list, k
     check(tokens, order, context, key_len, depth, max_nodes, min_match, max_occurrences)
     return torch.ops.c2t_fast.datastore_lookup(tokens, order, context, key_len, depth, max_nodes, min_match,
                                                max_occurrences)
+
+
+def prepared_lookup(tokens: torch.Tensor, order: torch.Tensor, key_len: int, depth: int, max_nodes: int,
+                    min_match: int, max_occurrences: int):
+    """``datastore_lookup`` over one corpus and settings, checked here once: returns ``lookup(context)``
+    (context a list of int token ids) for the call every decoding step makes, which then pays the kernel
+    and torch's dispatch only (the kernel still checks every argument it is given)."""
+    check(tokens, order, [], key_len, depth, max_nodes, min_match, max_occurrences)
+    op = torch.ops.c2t_fast.datastore_lookup.default
+
+    def lookup(context: list) -> torch.Tensor:
+        return op(tokens, order, context, key_len, depth, max_nodes, min_match, max_occurrences)
+
+    return lookup

@@ -18,7 +18,7 @@ Schemas live in ``csrc/c2t/ops.cpp``; references in ``kernels/reference.py``. Th
 
 from __future__ import annotations
 
-from .datastore_lookup import datastore_lookup
+from .datastore_lookup import datastore_lookup, prepared_lookup
 from .decode_attention import decode_attention
 from .library import cuda_kernels_compiled, has_cuda_kernel
 from .score_children import MAX_CLASSIFIER_HIDDEN, LayerScores, score_children
@@ -29,7 +29,7 @@ from .tree_ops import (Tree, TreeBuffers, Verdict, build_tree, compact_kv, prune
 
 __all__ = [
     "CPU_SINGLE_PASS_MAX_PREFIX", "LayerScores", "MAX_CLASSIFIER_HIDDEN", "MAX_TREE_NODES", "SKINNY_MAX_ROWS", "Tree",
-    "TreeBuffers", "Verdict", "build_tree", "compact_kv", "cuda_kernels_compiled", "datastore_lookup",
+    "TreeBuffers", "Verdict", "build_tree", "compact_kv", "cuda_kernels_compiled", "datastore_lookup", "prepared_lookup",
     "decode_attention",
     "has_cuda_kernel", "prune_tree", "rerank_tree", "score_children", "skinny_linear", "tree_attention",
     "verify_greedy", "verify_sample",

@@ -61,18 +61,30 @@ struct Corpus {
     return 0;
   }
 
-  // [lo, hi) of the sorted positions whose text starts with q[0..m).
+  // [lo, hi) of the sorted positions whose text starts with q[0..m). Each probe is two cache misses (the
+  // position, then its text), so probes are spared: an empty range ends after the first search (half of
+  // the bisection's lengths find nothing), and the range's end is galloped to from its start (most
+  // suffixes occur a few times) instead of searched for over the whole corpus.
   std::pair<int64_t, int64_t> range(const uint16_t* q, int64_t m) const {
     int64_t lo = 0, hi = n;
     while (lo < hi) {  // first index not below q
       const int64_t mid = lo + (hi - lo) / 2;
       if (compare(mid, q, m) < 0) lo = mid + 1; else hi = mid;
     }
-    int64_t a = lo;
-    hi = n;
-    while (lo < hi) {  // first index above q
+    const int64_t a = lo;
+    if (a == n || compare(a, q, m) != 0) return {a, a};
+    int64_t inside = a, outside = n;  // the last index known to match, the first known not to
+    for (int64_t step = 1; inside + step < n; step *= 2) {
+      if (compare(inside + step, q, m) != 0) {
+        outside = inside + step;
+        break;
+      }
+      inside += step;
+    }
+    lo = inside + 1, hi = outside;
+    while (lo < hi) {  // first index above q, between the two
       const int64_t mid = lo + (hi - lo) / 2;
-      if (compare(mid, q, m) <= 0) lo = mid + 1; else hi = mid;
+      if (compare(mid, q, m) == 0) lo = mid + 1; else hi = mid;
     }
     return {a, lo};
   }

@@ -63,6 +63,7 @@ class Datastore:
             raise ValueError("Datastore: order holds a position past the corpus")
         self._tokens_t = torch.from_numpy(self.tokens)
         self._order_t = torch.from_numpy(self.order.view(np.int32))  # positions < 2^31: the same bits
+        self._lookups = {}  # (depth, max_nodes, min_match, max_occurrences) -> ops.prepared_lookup
 
     def __len__(self) -> int:
         return int(self.tokens.size)
@@ -73,9 +74,12 @@ class Datastore:
         ``min_match`` tokens at least: a tree of at most ``max_nodes`` nodes and ``depth`` levels, the most
         frequent paths first, read from up to ``max_occurrences`` occurrences spread over all of them.
         None when no suffix of ``min_match`` tokens occurs (one call of the C++ ``datastore_lookup``)."""
-        ctx = [int(t) for t in context[-self.key_len:]]  # a slice: the history grows to thousands of tokens
-        out = ops.datastore_lookup(self._tokens_t, self._order_t, ctx, self.key_len, depth, max_nodes,
-                                   min(min_match, self.key_len), max_occurrences).tolist()
+        settings = (depth, max_nodes, min(min_match, self.key_len), max_occurrences)
+        run = self._lookups.get(settings)
+        if run is None:  # checked once per setting: the lookup runs every decoding step
+            run = self._lookups[settings] = ops.prepared_lookup(self._tokens_t, self._order_t, self.key_len,
+                                                                *settings)
+        out = run([int(t) for t in context[-self.key_len:]]).tolist()  # a slice: the history grows long
         match, occurrences, n = out[:3]
         if n == 0:
             return None
