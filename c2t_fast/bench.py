@@ -54,8 +54,9 @@ class BenchConfig:
     ngram: tuple = (defaults.NGRAM_TOKENS,)  # n-gram branch lengths to run each strategy with (0: none)
     budget: tuple = (defaults.BUDGET,)  # tree sizing to run each strategy with: "none" (as grown), "auto" (by cost)
     stock_linear: bool = False  # the target with torch's linear layers everywhere (no skinny kernel)
-    datastore: tuple = ("none",)  # datastores to run each strategy with: "none", "default" or a directory
-    recycling: tuple = (0,)  # Token Recycling's branches off (0) / on (1)
+    # datastores to run each strategy with: "default" (the main job's), "shipped", "none" or a directory
+    datastore: tuple = (defaults.DEFAULT,)
+    recycling: tuple = (defaults.DEFAULT,)  # Token Recycling's branches: the main job's ("default"), off (0), on (1)
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple]:
@@ -107,11 +108,12 @@ def parse_sweeps(values: list[str] | None) -> list[dict]:
     return out
 
 
-def _runs(names, sweeps, ngram=(0,), budget=("none",), datastore=("none",), recycling=(0,)) -> list[tuple[str, dict]]:
+def _runs(names, sweeps, ngram=(0,), budget=("none",), datastore=(defaults.DEFAULT,),
+          recycling=(defaults.DEFAULT,)) -> list[tuple[str, dict]]:
     """(strategy, setting) pairs: each strategy at each distinct setting it takes, each with and without
     n-gram branches as ``ngram`` lists (setting key "ngram": tokens per branch), with each ``budget``
-    (setting key "budget" for "auto"), each ``datastore`` (key "datastore" unless "none") and each
-    ``recycling`` (key "recycling": 1); baselines once."""
+    (setting key "budget" for "auto"), each ``datastore`` and each ``recycling`` (keys "datastore",
+    "recycling" 0 / 1 only where they differ from the main job's "default"); baselines once."""
     for b in budget:
         if b not in ("none", "auto"):
             raise ValueError(f"budget {b!r}: expected none or auto")
@@ -126,7 +128,8 @@ def _runs(names, sweeps, ngram=(0,), budget=("none",), datastore=("none",), recy
             if tuple(sorted(setting.items())) not in seen:
                 seen.add(tuple(sorted(setting.items())))
                 runs += [(name, {**setting, **({"ngram": n} if n else {}), **({"budget": b} if b != "none" else {}),
-                                 **({"datastore": ds} if ds != "none" else {}), **({"recycling": 1} if r else {})})
+                                 **({"datastore": ds} if ds != defaults.DEFAULT else {}),
+                                 **({"recycling": int(r)} if r != defaults.DEFAULT else {})})
                          for n in ngram for b in budget for ds in datastore for r in recycling]
     return runs
 
@@ -154,7 +157,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 strategy = make_strategy(name, cfg.classifier, {**cfg.params, **setting})
                 gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop,
                                            ngram=setting.get("ngram", 0), budget=setting.get("budget"),
-                                           **load_sources(setting.get("datastore"), setting.get("recycling"), target))
+                                           **load_sources(setting.get("datastore", defaults.DEFAULT),
+                                                        setting.get("recycling", defaults.DEFAULT), target))
             tot = Metrics()  # the row: every prompt's generation accumulated
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,
                                                       disable=not progress)):

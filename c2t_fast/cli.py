@@ -75,17 +75,36 @@ def _add_budget_flag(p, many: bool):
 
 
 def _add_source_flags(p, many: bool):
+    from .decoding import defaults
+
     if many:
-        p.add_argument("--datastore", default="none", help="comma-separated datastores to run each strategy with: "
-                                                          "none, default (the shipped one) or a directory, e.g. "
-                                                          "none,default for the ablation")
-        p.add_argument("--recycling", default="0", help="comma-separated 0/1: Token Recycling's branches off/on")
+        p.add_argument("--datastore", default=defaults.DEFAULT,
+                       help="comma-separated datastores to run each strategy with: default (the shipped one for the "
+                            "shipped target, none for another), shipped, none or a directory, e.g. none,default for "
+                            "the ablation (default: %(default)s, as generate)")
+        p.add_argument("--recycling", default=defaults.DEFAULT,
+                       help="comma-separated default/0/1: Token Recycling's branches as generate has them (on for the "
+                            "shipped target), off or on (default: %(default)s)")
     else:
-        p.add_argument("--datastore", default="none", help="graft the continuations found in a datastore of the "
-                                                          "target's own text: default (the shipped one), a directory "
-                                                          "(c2t-fast build-datastore), or none (default)")
-        p.add_argument("--recycling", action="store_true", help="graft Token Recycling's branches (the target's "
-                                                               "own top-k at every verified node)")
+        p.add_argument("--datastore", default=defaults.DEFAULT,
+                       help="graft the continuations found in a datastore of the target's own text: shipped (the "
+                            "shipped target's replies), a directory (c2t-fast build-datastore) or none; default: "
+                            "shipped for the shipped target, none for another")
+        p.add_argument("--recycling", action=argparse.BooleanOptionalAction, default=defaults.DEFAULT,
+                       help="graft Token Recycling's branches (the target's own top-k at every verified node); "
+                            "default: on for the shipped target, off for another")
+
+
+def _recycling_list(text: str) -> tuple:
+    """``--recycling`` of bench: comma-separated default / 0 / 1."""
+    from .decoding import defaults
+
+    out = []
+    for v in text.split(","):
+        if v not in (defaults.DEFAULT, "0", "1"):
+            raise ValueError(f"--recycling {text!r}: expected comma-separated default, 0 or 1")
+        out.append(v if v == defaults.DEFAULT else int(v))
+    return tuple(out)
 
 
 def _add_config_flags(p, defaults, fields, choices: dict | None = None):
@@ -164,7 +183,7 @@ def _bench(args) -> int:
                       max_new_tokens=args.max_new_tokens, limit=args.limit, temperature=args.temperature,
                       seed=args.seed, device=args.device, ngram=_int_list("--ngram", args.ngram),
                       budget=tuple(args.budget.split(",")), stock_linear=args.stock_linear,
-                      datastore=tuple(args.datastore.split(",")), recycling=_int_list("--recycling", args.recycling))
+                      datastore=tuple(args.datastore.split(",")), recycling=_recycling_list(args.recycling))
     print(format_table(run_bench(cfg)["rows"]))
     return 0
 

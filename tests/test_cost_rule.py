@@ -301,9 +301,25 @@ def test_a_draft_whose_steps_emit_slower_than_the_free_branches_alone_is_probed_
         step(mode, 2 if mode == "draft" else 3, 0.2 if mode == "draft" else 0.1)
     draft_at = [i for i, m in enumerate(modes) if m == "draft"]
     assert draft_at[:3] == [0, 5, 14] and len(draft_at) == 4  # probes after 4, 8, 16 (capped) sources steps
-    rule.reset()
+    rule = CostRule(flat(0.1, 0.001), probe_every=4, max_plain=16)
     step("draft", 4, 0.1)  # 40 tokens/s
     assert rule.step_mode(True, True) == "sources"
     step("sources", 1, 0.1)  # 10 tokens/s: the draft wins
     assert [rule.step_mode(True, True) for _ in range(5)] == ["draft"] * 5
     assert rule.step_mode(True, False) == "draft"  # without sources nothing changes
+
+
+def test_the_draft_and_sources_rates_outlive_a_generation():
+    """A draft that lost to the free branches in one generation is still probed, not run, in the next one
+    (reset clears the generation's account, not what the draft was worth); a fresh rule measures anew."""
+    rule = CostRule(flat(0.1, 0.001), probe_every=4, max_plain=16)
+    rule.settle(0.2, 2, False, 5, "draft")  # 10 tokens/s
+    assert rule.step_mode(True, True) == "sources"
+    rule.settle(0.1, 3, False, 5, "sources")  # 30 tokens/s
+    assert rule.step_mode(True, True) == "draft"
+    rule.settle(0.2, 2, False, 5, "draft")  # loses again: 4 sources steps before the next probe
+    rule.settle(0.1, 0, True, 1, None)
+    rule.reset()
+    assert rule.account == 0.0 and rule.elapsed == 0.0 and rule.plain_s is None
+    assert [rule.step_mode(True, True) for _ in range(5)] == ["sources"] * 4 + ["draft"]
+    assert CostRule(flat(0.1, 0.001)).rate == {"draft": None, "sources": None}

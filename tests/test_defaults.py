@@ -23,6 +23,52 @@ def test_the_cli_flags_default_to_the_main_job():
     b = build_parser().parse_args(["bench", "--prompts", "p", "--out", "o"])
     assert (b.budget, b.ngram, b.draft, b.classifier) == (defaults.BUDGET, str(defaults.NGRAM_TOKENS), None, None)
     assert defaults.STRATEGY in b.strategies.split(",")
+    assert (g.datastore, g.recycling, b.datastore, b.recycling) == (defaults.DEFAULT,) * 4
+    told = build_parser().parse_args(["generate", "--prompt", "x", "--datastore", "none", "--no-recycling"])
+    assert (told.datastore, told.recycling) == ("none", False)
+    assert build_parser().parse_args(["generate", "--prompt", "x", "--recycling"]).recycling is True
+
+
+def test_the_bench_rows_name_only_the_sources_told_otherwise():
+    from c2t_fast.bench import _runs
+    from c2t_fast.cli import _recycling_list
+
+    assert _recycling_list("default,0,1") == ("default", 0, 1)
+    with pytest.raises(ValueError, match="--recycling"):
+        _recycling_list("yes")
+    runs = _runs(["c2t"], [{}], (10,), ("auto",), ("default", "none"), ("default", 0))
+    assert [s for _, s in runs] == [{"ngram": 10, "budget": "auto"}, {"ngram": 10, "budget": "auto", "recycling": 0},
+                                    {"ngram": 10, "budget": "auto", "datastore": "none"},
+                                    {"ngram": 10, "budget": "auto", "datastore": "none", "recycling": 0}]
+    assert defaults.is_default_setting(*runs[0]) and not defaults.is_default_setting(*runs[1])
+
+
+def test_the_main_job_defaults_are_the_modules():
+    from c2t_fast.decoding.main_job import MainJob
+
+    job = MainJob(prompt="x")
+    assert (job.strategy, job.budget, job.ngram, job.datastore, job.recycling) == (
+        defaults.STRATEGY, defaults.BUDGET, defaults.NGRAM_TOKENS, defaults.DEFAULT, defaults.DEFAULT)
+
+
+def test_the_shipped_target_defaults_to_its_datastore_and_recycling_and_another_to_neither():
+    from c2t_fast.decoding.drafts.datastore import DEFAULT_DIR, Datastore
+    from c2t_fast.decoding.drafts.sources import DatastoreSource, NgramSource, RecyclingSource
+
+    model, _ = load_smollm2()
+    gen = SpeculativeGenerator(model, None)  # the sources alone: no head needed to see them
+    assert [type(s) for s in gen.sources] == [NgramSource, DatastoreSource, RecyclingSource]
+    assert len(gen.sources[1].store) == json.load(open(f"{DEFAULT_DIR}/meta.json"))["tokens"]
+    told = SpeculativeGenerator(model, None, datastore=None, recycling=False)
+    assert [type(s) for s in told.sources] == [NgramSource]
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    foreign = SpeculativeGenerator(target, EagleDraftHead(target.config).attach(target))
+    assert [type(s) for s in foreign.sources] == [NgramSource]
+    assert isinstance(defaults.resolve_datastore("shipped", target), Datastore)  # asked for: given
+    assert defaults.resolve_datastore("default", model, recording=True) is None
+    assert defaults.resolve_recycling("default", model, recording=True) is None
+    with pytest.raises(TypeError, match="recycling"):
+        defaults.resolve_recycling(1, model)
 
 
 def test_the_engine_defaults_to_the_main_job():

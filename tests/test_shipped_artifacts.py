@@ -53,7 +53,8 @@ def test_shipped_classifier_loads_by_default():
 
 
 def test_shipped_datastore_loads_by_default():
-    """`--datastore default` reads the datastore inside the package (c2t_fast/data/datastore)."""
+    """`--datastore shipped` (the shipped target's default) reads the datastore inside the package
+    (c2t_fast/data/datastore)."""
     from c2t_fast.decoding.drafts.datastore import DEFAULT_DIR, load_datastore
     from c2t_fast.decoding.drafts.loading import load_sources
 
@@ -61,7 +62,7 @@ def test_shipped_datastore_loads_by_default():
     meta = json.load(open(os.path.join(DEFAULT_DIR, "meta.json")))
     assert len(load_datastore()) == meta["tokens"] > 0
     model, _ = _smollm2()
-    assert len(load_sources("default", False, model)["datastore"]) == meta["tokens"]
+    assert len(load_sources("shipped", False, model)["datastore"]) == meta["tokens"]
 
 
 def test_generation_with_the_shipped_artifacts_is_the_targets_greedy_output():

@@ -6,7 +6,10 @@ these unless told otherwise:
   the draft's own, so it serves any head);
 - trees sized by this machine's measured verification cost, plain steps where no tree pays (``"auto"``);
 - n-gram lookup branches of ``NGRAM_TOKENS`` tokens (prompt and reply) grafted onto every tree;
-- for the shipped SmolLM2 target, the shipped draft head (another target needs ``c2t_fast.load_draft``).
+- for the shipped SmolLM2 target, the shipped draft head (another target needs ``c2t_fast.load_draft``),
+  and beside the n-gram branches those of the shipped datastore of its own replies and of Token
+  Recycling (``DATASTORE``, ``RECYCLING``; another target has neither by default: the datastore is in
+  SmolLM2's token ids, and neither was measured on another target).
 
 Why these: measured on this project's CPU against plain decoding and prompt lookup (BENCHMARKS.md, "the main
 job's speed"); each default is the setting that ran fastest there.
@@ -18,6 +21,9 @@ STRATEGY = "c2t"
 BUDGET = "auto"
 NGRAM_TOKENS = 10
 DEFAULT = "default"  # an argument left at this means "the main job's setting"
+SHIPPED = "shipped"  # the datastore shipped in c2t_fast/data/datastore (the shipped target's replies)
+DATASTORE = SHIPPED  # for the shipped target; another target: none
+RECYCLING = True  # for the shipped target; another target: off
 TREE_K_FLAG = "top_k_tree"  # the tree's K on the command line and in sweeps: --top-k is the target's sampling
 
 
@@ -33,7 +39,8 @@ def param_name(flag: str) -> str:
 
 def describe() -> str:
     """One line naming the defaults (help texts, bench summaries)."""
-    return f"{STRATEGY} with the shipped classifier, budget {BUDGET}, n-gram branches of {NGRAM_TOKENS} tokens"
+    return (f"{STRATEGY} with the shipped classifier, budget {BUDGET}, n-gram branches of {NGRAM_TOKENS} tokens; "
+            f"for the shipped target also the {DATASTORE} datastore's and Token Recycling's branches")
 
 
 def is_default_setting(strategy: str, setting: dict) -> bool:
@@ -73,3 +80,39 @@ def resolve_budget(budget, recording: bool = False):
     if isinstance(budget, str) and budget == DEFAULT:
         return None if recording else BUDGET
     return budget
+
+
+def resolve_datastore(datastore, target, recording: bool = False):
+    """A ``Datastore`` or None from ``DEFAULT`` (``DATASTORE`` for the shipped target, else none; none while
+    recording classifier trees), None, ``SHIPPED``, a directory or a ``Datastore``."""
+    from ..hf.shipped import is_shipped_target
+    from .drafts.datastore import Datastore, load_datastore
+
+    if isinstance(datastore, str) and datastore == DEFAULT:
+        if recording or not is_shipped_target(target):
+            return None
+        datastore = DATASTORE
+    if datastore is None or isinstance(datastore, Datastore):
+        return datastore
+    if isinstance(datastore, str) and datastore:
+        return load_datastore(None if datastore == SHIPPED else datastore)
+    raise TypeError(f"datastore must be 'default', None, 'shipped', a directory or a "
+                    f"c2t_fast.decoding.drafts.datastore.Datastore, got {datastore!r}")
+
+
+def resolve_recycling(recycling, target, recording: bool = False):
+    """A ``RecyclingTable`` or None from ``DEFAULT`` (``RECYCLING`` for the shipped target, else off; off while
+    recording classifier trees), True / False / None or a ``RecyclingTable``."""
+    from ..hf.shipped import is_shipped_target
+    from .drafts.recycling import RecyclingTable
+
+    if isinstance(recycling, str) and recycling == DEFAULT:
+        recycling = RECYCLING and not recording and is_shipped_target(target)
+    if recycling is True:
+        from ..hf.adapter import vocab_size
+
+        return RecyclingTable(vocab_size(target))
+    if recycling is None or recycling is False or isinstance(recycling, RecyclingTable):
+        return recycling or None
+    raise TypeError(f"recycling must be 'default', True, False, None or a "
+                    f"c2t_fast.decoding.drafts.recycling.RecyclingTable, got {recycling!r}")

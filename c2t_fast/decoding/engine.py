@@ -34,6 +34,10 @@ from .strategies import Strategy
 from .tree import TreeDrafter
 
 
+def _is_default(value) -> bool:
+    return isinstance(value, str) and value == defaults.DEFAULT
+
+
 def _check_int(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -52,7 +56,10 @@ class SpeculativeGenerator:
     of every node of the full tree: classifier training data; recording leaves out the default n-gram
     branches and cost rule). ``ngram``: an ``NgramLookup`` (or its token count; 0 / None:
     none) whose continuations (prompt lookup in the prompt and the generated text) join each step's tree
-    as extra branches (``decoding.drafts.ngram``). ``budget``: None verifies each tree the strategy grows as it
+    as extra branches (``decoding.drafts.ngram``). ``datastore``: a ``Datastore`` (``drafts.datastore``), a
+    directory, ``"shipped"`` or None; ``recycling``: a ``RecyclingTable``, True or None / False: their
+    branches join the tree too (left at ``"default"``: both on for the shipped target, off for another).
+    ``budget``: None verifies each tree the strategy grows as it
     is; ``"auto"`` (the default) sizes it by this machine's measured verification cost and falls back to
     plain decoding steps when no tree pays (``decoding.cost``; the profile is measured once and cached);
     or a ``CostRule``. ``agreement``: how the ranks of a tensor-parallel target take the decisions that
@@ -62,27 +69,23 @@ class SpeculativeGenerator:
 
     def __init__(self, target, draft: DraftProtocol | None, strategy: Strategy | None = None, eos_token_id=None,
                  stop_token_ids=(), recorder=None, ngram=defaults.DEFAULT, budget=defaults.DEFAULT,
-                 datastore: Datastore | None = None, recycling: RecyclingTable | bool | None = None,
+                 datastore: Datastore | str | None = defaults.DEFAULT,
+                 recycling: RecyclingTable | bool | str | None = defaults.DEFAULT,
                  agreement: Agreement | None = None):
         # Everything is checked before the target is patched, so a refused construction changes nothing.
         check_supported(target)
         self.agreement = agreement_for(target, agreement)
         ngram = defaults.resolve_ngram(ngram, recording=recorder is not None)
         budget = defaults.resolve_budget(budget, recording=recorder is not None)
-        if datastore is not None and not isinstance(datastore, Datastore):
-            raise TypeError(f"datastore must be a c2t_fast.decoding.drafts.datastore.Datastore or None, got "
-                            f"{type(datastore).__name__}")
-        if recycling is True:
-            from ..hf.adapter import vocab_size
-
-            recycling = RecyclingTable(vocab_size(target))
-        if recycling not in (None, False) and not isinstance(recycling, RecyclingTable):
-            raise TypeError(f"recycling must be a RecyclingTable, True or None, got {type(recycling).__name__}")
+        user_sources = (not _is_default(datastore) and datastore is not None) or (
+            not _is_default(recycling) and recycling not in (None, False))
+        if user_sources and recorder is not None:
+            raise ValueError("record trees without training-free sources: the classifier learns the draft's own nodes")
+        datastore = defaults.resolve_datastore(datastore, target, recording=recorder is not None)
+        recycling = defaults.resolve_recycling(recycling, target, recording=recorder is not None)
         sources = [s for s in (NgramSource(ngram) if ngram is not None else None,
                                DatastoreSource(datastore) if datastore is not None else None,
-                               RecyclingSource(recycling) if recycling not in (None, False) else None) if s]
-        if (datastore is not None or recycling) and recorder is not None:
-            raise ValueError("record trees without training-free sources: the classifier learns the draft's own nodes")
+                               RecyclingSource(recycling) if recycling is not None else None) if s]
         if draft is None and not sources:
             raise ValueError("draft=None drafts with the training-free sources alone: give ngram=, datastore= or "
                              "recycling=")

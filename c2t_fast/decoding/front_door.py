@@ -20,14 +20,15 @@ from .drafts.loading import load_draft
 
 def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,
              draft=None, strategy=None, text_streamer=None, seed: int | None = None, streamer=None,
-             budget=defaults.DEFAULT, ngram=defaults.DEFAULT, **model_kwargs) -> torch.Tensor:
+             budget=defaults.DEFAULT, ngram=defaults.DEFAULT, datastore=defaults.DEFAULT, recycling=defaults.DEFAULT,
+             **model_kwargs) -> torch.Tensor:
     """The target's own output for ``input_ids int64 [1, n]``, decoded with token trees: greedy output
     equals ``generate(do_sample=False)`` token for token; sampling follows the target's distribution
     under the call's temperature / top-k / top-p. Returns ``[1, n + new]`` like ``generate``.
 
     ``draft``: a ``DraftProtocol`` (``c2t_fast.load_draft``; for the shipped SmolLM2 the shipped head by
-    default); ``strategy``, ``budget``, ``ngram``: as ``SpeculativeGenerator`` takes them, by default the
-    main job's (``decoding.defaults``); ``seed``: the sampling seed (default: drawn from torch's global
+    default); ``strategy``, ``budget``, ``ngram``, ``datastore``, ``recycling``: as ``SpeculativeGenerator``
+    takes them, by default the main job's (``decoding.defaults``); ``seed``: the sampling seed (default: drawn from torch's global
     generator, so ``torch.manual_seed`` repeats a run).
     The call's logits processors (repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids,
     min_p, typical_p, ...) apply to every tree node with its own history, as ``generate()`` applies them.
@@ -55,7 +56,8 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
         seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     if draft is None:
         draft = load_draft(None, model)
-    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"], budget=budget, ngram=ngram)
+    gen = SpeculativeGenerator(model, draft, strategy, eos_token_id=s["eos"], budget=budget, ngram=ngram,
+                               datastore=datastore, recycling=recycling)
     out = streamer if text_streamer is None else text_streamer
     if out is not None:
         out.put(input_ids.cpu())  # the prompt first, as generate() does (skip_prompt relies on it)

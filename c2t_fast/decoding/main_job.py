@@ -31,8 +31,8 @@ class MainJob:
     params: dict = field(default_factory=dict)
     ngram: int = defaults.NGRAM_TOKENS
     budget: str = defaults.BUDGET
-    datastore: str | None = "none"
-    recycling: bool = False
+    datastore: str | None = defaults.DEFAULT
+    recycling: bool | str = defaults.DEFAULT
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0

@@ -17,7 +17,7 @@ draft that never pays costs at most that share (and one step). With training-fre
 draft, a step can also skip the draft call and verify the sources' tree alone: the rule keeps the realized
 rate (emitted tokens per second) of each kind of step and, while the draft's steps emit more slowly than
 the sources' alone, runs sources steps, probing the draft after 4, 8, ... of them (a head that does not pay
-on a prompt costs its probes, not every step).
+costs its probes, not every step); these rates outlive a generation, as the calibration does.
 """
 
 from __future__ import annotations
@@ -109,15 +109,19 @@ class CostRule:
         self.reset()
 
     def reset(self) -> None:
-        """Fresh per-generation state (the calibration is kept: it is the draft's, not the prompt's)."""
+        """Fresh per-generation state. Kept across generations: the calibration, and the realized rates of
+        draft and sources steps with the draft's probing schedule; they are the draft's worth beside the
+        free branches, not the prompt's, and a generation of 128 tokens is too short to learn them again
+        (re-learning them made every prompt pay the draft's probes from the start)."""
         self.plain_left = 0
         self.wait = self.probe_every
         self.account = 0.0  # seconds speculative steps gained (+) or lost (-) against plain steps
         self.elapsed = 0.0  # seconds of every step so far
         self.plain_s = None  # a plain step's measured time (running mean), None before the first
-        self.rate = {"draft": None, "sources": None}  # realized tokens/s of each kind of step (running mean)
-        self.sources_left = 0  # sources steps before the draft's next probe
-        self.draft_wait = self.probe_every
+        if not hasattr(self, "rate"):
+            self.rate = {"draft": None, "sources": None}  # realized tokens/s of each kind of step (running mean)
+            self.sources_left = 0  # sources steps before the draft's next probe
+            self.draft_wait = self.probe_every
 
     def settle(self, step_s: float, emitted: int, plain: bool, verified: int = 1, mode: str | None = None) -> None:
         """A step took ``step_s`` seconds, verified ``verified`` tree tokens and emitted ``emitted``: the

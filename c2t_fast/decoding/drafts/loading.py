@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ...hf.adapter import device_of, vocab_size
+from ...hf.adapter import device_of
 from ...hf.loading import load_causal_lm
 from ...kernels.skinny_linear import fast_linear_installed, install_fast_linear
 
@@ -49,11 +49,16 @@ def _load_draft(spec: str | None, target, full_vocab: bool = False):
     return head if head is not None else DraftLM(load_causal_lm(spec))
 
 
-def load_sources(datastore: str | None, recycling: bool, target) -> dict:
+def load_sources(datastore: str | None, recycling, target) -> dict:
     """``SpeculativeGenerator``'s training-free source arguments from command-line style specifications:
-    ``datastore`` a directory, "default" (the shipped one) or None / "none"; ``recycling`` on or off."""
-    from .datastore import load_datastore
-    from .recycling import RecyclingTable
+    ``datastore`` "default" (the main job's: the shipped one for the shipped target, none for another),
+    "shipped", a directory or None / "none"; ``recycling`` "default" (on for the shipped target), on or off."""
+    from .. import defaults
 
-    ds = None if datastore in (None, "none") else load_datastore(None if datastore == "default" else datastore)
-    return {"datastore": ds, "recycling": RecyclingTable(vocab_size(target)) if recycling else None}
+    if datastore in (None, "none"):
+        datastore = None
+    elif datastore != defaults.DEFAULT:
+        datastore = defaults.resolve_datastore(datastore, target)
+    if not (isinstance(recycling, str) and recycling == defaults.DEFAULT):
+        recycling = bool(recycling)
+    return {"datastore": datastore, "recycling": recycling}
