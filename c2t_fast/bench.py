@@ -19,7 +19,7 @@ import torch
 from .decoding.engine import SpeculativeGenerator
 from .decoding import defaults
 from .decoding.defaults import make_strategy  # noqa: F401  (c2t_fast.bench.make_strategy, as before)
-from .decoding.drafts.loading import load_draft, load_sources
+from .decoding.drafts.loading import load_draft
 from .decoding.metrics import Metrics
 from .decoding.strategies import STRATEGIES, strategy_parameters
 from .hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
@@ -157,7 +157,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 strategy = make_strategy(name, cfg.classifier, {**cfg.params, **setting})
                 gen = SpeculativeGenerator(target, draft, strategy, stop_token_ids=stop,
                                            ngram=setting.get("ngram", 0), budget=setting.get("budget"),
-                                           **load_sources(setting.get("datastore", defaults.DEFAULT),
+                                           **defaults.load_sources(setting.get("datastore", defaults.DEFAULT),
                                                         setting.get("recycling", defaults.DEFAULT), target))
             tot = Metrics()  # the row: every prompt's generation accumulated
             for i, (qid, cat, text) in enumerate(tqdm(prompts, desc=f"{name} {setting}", leave=False,

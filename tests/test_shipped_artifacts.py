@@ -56,7 +56,7 @@ def test_shipped_datastore_loads_by_default():
     """`--datastore shipped` (the shipped target's default) reads the datastore inside the package
     (c2t_fast/data/datastore)."""
     from c2t_fast.decoding.drafts.datastore import DEFAULT_DIR, load_datastore
-    from c2t_fast.decoding.drafts.loading import load_sources
+    from c2t_fast.decoding.defaults import load_sources
 
     assert os.path.isfile(os.path.join(DEFAULT_DIR, "tokens.npy")), DEFAULT_DIR
     meta = json.load(open(os.path.join(DEFAULT_DIR, "meta.json")))

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from c2t_fast.bench import PROMPT_LOOKUP_TOKENS, read_prompts  # noqa: E402
 from c2t_fast.decoding.engine import SpeculativeGenerator  # noqa: E402
-from c2t_fast.decoding.drafts.loading import load_draft, load_sources  # noqa: E402
+from c2t_fast.decoding.defaults import load_sources  # noqa: E402
+from c2t_fast.decoding.drafts.loading import load_draft  # noqa: E402
 from c2t_fast.hf.adapter import TargetAdapter, chat_stop_ids, encode_chat  # noqa: E402
 from c2t_fast.hf.loading import load_target  # noqa: E402
 from ratio_table import HEADER, ratio_lines  # noqa: E402

@@ -116,3 +116,16 @@ def resolve_recycling(recycling, target, recording: bool = False):
         return recycling or None
     raise TypeError(f"recycling must be 'default', True, False, None or a "
                     f"c2t_fast.decoding.drafts.recycling.RecyclingTable, got {recycling!r}")
+
+
+def load_sources(datastore: str | None, recycling, target) -> dict:
+    """``SpeculativeGenerator``'s training-free source arguments from command-line style specifications:
+    ``datastore`` "default" (the main job's: the shipped one for the shipped target, none for another),
+    "shipped", a directory or None / "none"; ``recycling`` "default" (on for the shipped target), on or off."""
+    if datastore in (None, "none"):
+        datastore = None
+    elif datastore != DEFAULT:
+        datastore = resolve_datastore(datastore, target)
+    if not (isinstance(recycling, str) and recycling == DEFAULT):
+        recycling = bool(recycling)
+    return {"datastore": datastore, "recycling": recycling}

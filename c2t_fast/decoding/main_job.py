@@ -49,7 +49,8 @@ def run_main_job(job: MainJob, write=print) -> Metrics | None:
     from ..hf.adapter import TargetAdapter, chat_stop_ids, encode_chat
     from ..hf.loading import launched_ranks, load_target
     from ..kernels.skinny_linear import fast_linear_installed
-    from .drafts.loading import load_draft, load_sources
+    from .defaults import load_sources
+    from .drafts.loading import load_draft
     from .engine import SpeculativeGenerator
 
     rank, world = launched_ranks()  # under torchrun: the target sharded over the ranks, rank 0 writes

@@ -48,17 +48,3 @@ def _load_draft(spec: str | None, target, full_vocab: bool = False):
     head = load_hub_head(spec, target)  # a published EAGLE-1/2/3 head: never a causal LM with new weights
     return head if head is not None else DraftLM(load_causal_lm(spec))
 
-
-def load_sources(datastore: str | None, recycling, target) -> dict:
-    """``SpeculativeGenerator``'s training-free source arguments from command-line style specifications:
-    ``datastore`` "default" (the main job's: the shipped one for the shipped target, none for another),
-    "shipped", a directory or None / "none"; ``recycling`` "default" (on for the shipped target), on or off."""
-    from .. import defaults
-
-    if datastore in (None, "none"):
-        datastore = None
-    elif datastore != defaults.DEFAULT:
-        datastore = defaults.resolve_datastore(datastore, target)
-    if not (isinstance(recycling, str) and recycling == defaults.DEFAULT):
-        recycling = bool(recycling)
-    return {"datastore": datastore, "recycling": recycling}
