@@ -242,9 +242,62 @@ class StaticBatchLM:
         out.logits = self._linear(out.hidden, self.lm, step=True).float()
         return out
 
-    def _forward(self, x, pos, rows: slice, starts: list[int], mask, step: bool) -> "Pass":
+    @torch.no_grad()
+    def tree_pass(self, rows: list[int], tokens: torch.Tensor, depth: torch.Tensor, visible: torch.Tensor) -> "Pass":
+        """One pass over a tree per slot of ``rows`` (b distinct slots): ``tokens int64 [b, T]`` (a row's
+        tree padded to T with any token), ``depth int64 [b, T]`` (node positions are the slot's length +
+        depth), ``visible bool [b, T, T]`` (node i sees tree node j: j is i or an ancestor; a padding node
+        should see itself). The tree's keys are written after each slot's sequence without advancing it
+        (``keep`` then commits the accepted path). Returns hidden ``[b, T, H]``, features ``[b, T, F * H]``
+        and fp32 logits ``[b, T, V]``."""
+        b = len(rows)
+        if b == 0 or len(set(rows)) != b:
+            raise ValueError(f"rows must be distinct slots, got {rows!r}")
+        for r in rows:
+            self._check_slot(r)
+        if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] == b
+                and tokens.dtype == torch.int64 and tokens.shape[1] > 0):
+            raise ValueError(f"tokens must be int64 [{b}, T] with T >= 1")
+        T = tokens.shape[1]
+        if not (isinstance(depth, torch.Tensor) and depth.shape == (b, T) and depth.dtype == torch.int64):
+            raise ValueError(f"depth must be int64 [{b}, {T}]")
+        if not (isinstance(visible, torch.Tensor) and visible.shape == (b, T, T) and visible.dtype == torch.bool):
+            raise ValueError(f"visible must be bool [{b}, {T}, {T}]")
+        starts = [self.lengths[r] for r in rows]
+        for r, s in zip(rows, starts):
+            if s + T > self.capacity:
+                raise ValueError(f"slot {r}: {s} + a tree of {T} nodes exceed the capacity {self.capacity}")
+        dev = self.device
+        st = torch.tensor(starts, device=dev)
+        kv_len = max(starts) + T
+        key = torch.arange(kv_len, device=dev)[None, None, :]  # [1, 1, K]
+        rel = key - st[:, None, None]  # a key's index in its row's tree
+        in_tree = (rel >= 0) & (rel < T)
+        seen = visible.to(dev).gather(2, rel.clamp(0, T - 1).expand(b, T, kv_len)) & in_tree
+        mask = ((key < st[:, None, None]) | seen)[:, None]  # [b, 1, T, K]
+        pos = st[:, None] + depth.to(dev)
+        out = self._forward(self.embed[tokens.to(dev)], pos, list(rows), starts, mask, step=False)
+        out.logits = F.linear(out.hidden, self.lm).float()
+        return out
+
+    def keep(self, slot: int, nodes: list[int]) -> None:
+        """Commit tree nodes ``nodes`` (indices into the slot's last ``tree_pass``, root first, in path order)
+        as the slot's next positions."""
+        self._check_slot(slot)
+        start = self.lengths[slot]
+        if not nodes or start + max(nodes) >= self.capacity or min(nodes) < 0:
+            raise ValueError(f"nodes must be tree indices of slot {slot}'s last pass, got {nodes!r}")
+        src = torch.tensor(nodes, device=self.device) + start
+        n = len(nodes)
+        self.k[:, slot, :, start:start + n] = self.k[:, slot, :, src]  # the gather copies before the write
+        self.v[:, slot, :, start:start + n] = self.v[:, slot, :, src]
+        self.lengths[slot] = start + n
+
+    def _forward(self, x, pos, rows, starts: list[int], mask, step: bool) -> "Pass":
         """x ``[b, n, H]`` at positions ``pos [b, n]`` of cache rows ``rows``, each row's new keys written
-        at ``starts[i]``; ``mask [n, starts[0] + n]`` (one row, prefill) or None (n = 1 per row)."""
+        at ``starts[i]``; ``mask [n, starts[0] + n]`` (one row, prefill), None (n = 1 per row) or, with
+        ``rows`` a list of slots (trees), ``[b, 1, n, max(starts) + n]``."""
+        trees = isinstance(rows, list)
         b, n, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         G = Hq // Hkv
@@ -266,11 +319,18 @@ class StaticBatchLM:
             q = _rotate(q.view(b, n, Hq, D).transpose(1, 2), cos, sin)  # [b, Hq, n, D]
             k = _rotate(k.view(b, n, Hkv, D).transpose(1, 2), cos, sin)  # [b, Hkv, n, D]
             v = v.view(b, n, Hkv, D).transpose(1, 2)
-            kc, vc = self.k[li, rows], self.v[li, rows]  # [b, Hkv, C, D] views
+            if trees:  # each row's tree after its own sequence, then every row's keys up to kv_len gathered
+                at = (torch.tensor(rows, device=self.device)[:, None], slice(None),
+                      torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device))
+                self.k[li][at] = k.transpose(1, 2).to(self.kv_dtype)
+                self.v[li][at] = v.transpose(1, 2).to(self.kv_dtype)
+                kc, vc = self.k[li, rows, :, :kv_len], self.v[li, rows, :, :kv_len]
+            else:
+                kc, vc = self.k[li, rows], self.v[li, rows]  # [b, Hkv, C, D] views
             if step:
                 kc[torch.arange(b), :, idx] = k[:, :, 0].to(self.kv_dtype)
                 vc[torch.arange(b), :, idx] = v[:, :, 0].to(self.kv_dtype)
-            else:
+            elif not trees:
                 kc[0, :, starts[0]:starts[0] + n] = k[0].to(self.kv_dtype)
                 vc[0, :, starts[0]:starts[0] + n] = v[0].to(self.kv_dtype)
             if step and keep is None:  # the CPU kernel reads each row's own cache once, in its own precision
@@ -287,6 +347,8 @@ class StaticBatchLM:
             h = h + self._linear(F.silu(g) * u, L.wd, None, step)
         hidden = rms_norm(h, self.norm, self.eps)
         fl = torch.cat([feats[i] for i in self.feature_layers], -1) if self.feature_layers else None
+        if trees:
+            return Pass(hidden, fl, None)
         if step:
             return Pass(hidden[:, 0], None if fl is None else fl[:, 0], None)
         return Pass(hidden[0], None if fl is None else fl[0], None)
