@@ -46,7 +46,7 @@ def _alone(target, prompt, n, eos=None):
 def test_greedy_rows_equal_the_target_alone(family, draft_kind, strategy):
     target = tiny_causal_lm(family, 6, 2, seed=1)
     gen = BatchSpeculativeGenerator(target, _draft(draft_kind, family, target), _strategy(strategy), eos_token_id=[],
-                                    ngram=3 if draft_kind == "none" else None, datastore=None, recycling=None)
+                                    ngram=3 if draft_kind == "none" else None, datastore=None, recycling=None, budget=None)
     out = gen.generate(PROMPTS, max_new_tokens=29)
     assert out.tokens == [_alone(target, p, 29) for p in PROMPTS]
     assert out.passes == len(out.rows_per_pass) and out.metrics.new_tokens == 4 * 29
@@ -60,7 +60,7 @@ def test_padded_tensor_input_equals_stock_batched_generate():
     ids = torch.tensor([[0] * (n - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in PROMPTS])
     gen = BatchSpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(3), eos_token_id=[],
-                                    ngram=None, datastore=None, recycling=None)
+                                    ngram=None, datastore=None, recycling=None, budget=None)
     out = gen.generate(ids, mask, max_new_tokens=20)
     stock = generate_batch(target, [torch.tensor(p) for p in PROMPTS], 20, pad_id=0)
     assert out.tokens == [s.tolist() for s in stock]
@@ -71,7 +71,7 @@ def test_rows_stop_on_their_own_and_leave_the_batch():
     refs = [_alone(target, p, 40) for p in PROMPTS]
     eos = refs[1][6]  # row 1 stops early (mid-tree with the twin draft); the others may stop later or not at all
     gen = BatchSpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), Chain(5), eos_token_id=eos,
-                                    ngram=None, datastore=None, recycling=None)
+                                    ngram=None, datastore=None, recycling=None, budget=None)
     out = gen.generate(PROMPTS, max_new_tokens=40)
     assert out.tokens == [_alone(target, p, 40, eos=eos) for p in PROMPTS]
     assert out.tokens[1][-1] == eos and len(out.tokens[1]) == refs[1].index(eos) + 1 <= 7
@@ -82,7 +82,7 @@ def test_rows_stop_on_their_own_and_leave_the_batch():
 def test_max_nodes_caps_every_row_tree():
     target = tiny_causal_lm("qwen2", 6, 2, seed=1)
     gen = BatchSpeculativeGenerator(target, EagleDraftHead(target.config).attach(target), _strategy("eagle2"),
-                                    eos_token_id=[], ngram=3, datastore=None, recycling=None, max_nodes=6)
+                                    eos_token_id=[], ngram=3, datastore=None, recycling=None, max_nodes=6, budget=None)
     out = gen.generate(PROMPTS, max_new_tokens=16)
     assert out.tokens == [_alone(target, p, 16) for p in PROMPTS]
     assert max(out.metrics.draft_tokens) == 5  # the root and 5 nodes, though the strategy grows 20
@@ -91,7 +91,7 @@ def test_max_nodes_caps_every_row_tree():
 def test_seeded_sampling_repeats_and_seeds_differ():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
     gen = BatchSpeculativeGenerator(target, EagleDraftHead(target.config).attach(target), Chain(3), eos_token_id=[],
-                                    ngram=None, datastore=None, recycling=None)
+                                    ngram=None, datastore=None, recycling=None, budget=None)
     a = gen.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=7).tokens
     assert a == gen.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=7).tokens
     assert a != gen.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=8).tokens
@@ -104,7 +104,7 @@ def test_sampling_follows_each_rows_law_and_a_broken_rule_is_caught(monkeypatch)
     draft = DraftLM(tiny_causal_lm("llama", 4, 2, seed=4, vocab=V))
     prompts = [[1, 2, 3], [4, 0]]  # two rows of different lengths in every pass
     gen = BatchSpeculativeGenerator(target, draft, Eagle2(top_k=2, depth=1, total_tokens=5), eos_token_id=[],
-                                    ngram=None, datastore=None, recycling=None)
+                                    ngram=None, datastore=None, recycling=None, budget=None)
     joints = []
     with torch.no_grad():  # each row's exact joint law of its first two tokens at temperature 0.8, top-k 4
         for p in prompts:
@@ -145,7 +145,7 @@ def test_sampling_follows_each_rows_law_and_a_broken_rule_is_caught(monkeypatch)
 
 def test_bad_input_is_refused_before_anything_runs():
     target = tiny_causal_lm("llama", 6, 2, seed=1)
-    gen = BatchSpeculativeGenerator(target, None, Chain(2), eos_token_id=[], ngram=3, datastore=None, recycling=None)
+    gen = BatchSpeculativeGenerator(target, None, Chain(2), eos_token_id=[], ngram=3, datastore=None, recycling=None, budget=None)
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     cases = [
         (dict(input_ids=torch.tensor([1, 2, 3])), "input_ids must be \\[B, n\\]"),
@@ -168,12 +168,12 @@ def test_bad_input_is_refused_before_anything_runs():
             gen.generate(**kwargs)
     assert gen.generate([[1, 2]], max_new_tokens=3).tokens == [_alone(target, [1, 2], 3)]  # still usable
     with pytest.raises(ValueError, match="max_nodes"):
-        BatchSpeculativeGenerator(target, None, Chain(2), ngram=3, datastore=None, recycling=None, max_nodes=0)
+        BatchSpeculativeGenerator(target, None, Chain(2), ngram=3, datastore=None, recycling=None, max_nodes=0, budget=None)
     with pytest.raises(ValueError, match="training-free sources alone"):
-        BatchSpeculativeGenerator(target, None, Chain(2), ngram=None, datastore=None, recycling=None)
+        BatchSpeculativeGenerator(target, None, Chain(2), ngram=None, datastore=None, recycling=None, budget=None)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97))
     with pytest.raises(ValueError, match="supports"):
-        BatchSpeculativeGenerator(gpt2, None, Chain(2), ngram=3, datastore=None, recycling=None)
+        BatchSpeculativeGenerator(gpt2, None, Chain(2), ngram=3, datastore=None, recycling=None, budget=None)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -216,3 +216,44 @@ def test_tree_pass_equals_the_models_forward_along_each_path(family):
         lm.tree_pass([0, 2], tokens, depth, visible.int())
     with pytest.raises(ValueError, match="nodes must be"):
         lm.keep(2, [])
+
+
+def _rule(t1=0.1, slope=0.0):
+    from c2t_fast.decoding.cost import CostProfile, CostRule
+
+    L = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    return CostRule(CostProfile(L, [t1 + slope * (t - 1) for t in L]), draft_cost=0.0)
+
+
+@pytest.mark.parametrize("strategy", ["eagle2", "c2t"])
+def test_the_cost_rule_sizes_the_batch_and_stays_lossless(strategy):
+    """With the batch's cost at b x T tokens: free tokens let every row verify its whole (capped) tree; a
+    steep cost cuts every tree to the root (plain steps for the whole batch); greedy equal to the target
+    alone either way."""
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    refs = [_alone(target, p, 20) for p in PROMPTS]
+    widths = {}
+    for name, rule in (("free", _rule(0.1, 0.0)), ("steep", _rule(0.1, 0.5))):
+        gen = BatchSpeculativeGenerator(target, DraftLM(tiny_causal_lm("llama", 6, 2, seed=1)), _strategy(strategy),
+                                        eos_token_id=[], ngram=3, datastore=None, recycling=None, budget=rule,
+                                        max_nodes=12)
+        out = gen.generate(PROMPTS, max_new_tokens=20)
+        assert out.tokens == refs
+        widths[name] = out.metrics
+    assert max(widths["free"].draft_tokens) == 11 and widths["free"].tau > 1
+    assert widths["steep"].plain_steps == widths["steep"].steps and widths["steep"].tau == 0
+
+
+def test_size_batch_chooses_the_common_width_by_the_batch_cost():
+    """Two rows whose nodes are certain: at a cost flat up to 8 tokens and steep after, a batch of two keeps
+    3 nodes per row (2 x 4 = 8 tokens), where one sequence alone would keep 7."""
+    from c2t_fast import ops
+    from c2t_fast.decoding.cost import CostProfile, CostRule
+    from c2t_fast.decoding.drafts.sources import StepTree
+
+    prof = CostProfile([1, 8, 9, 64], [1.0, 1.0, 10.0, 100.0])
+    rule = CostRule(prof, draft_cost=0.0)
+    chain = ops.Tree(torch.arange(10), torch.arange(-1, 9, dtype=torch.int32), torch.zeros(10))  # logp 0: p = 1
+    sized = rule.size_batch([StepTree.of(chain), StepTree.of(chain)], [None, None], 0.0, backoff=False)
+    assert [z.step.tree.tokens.numel() for z in sized] == [4, 4]
+    assert rule.size(StepTree.of(chain), None, 0.0, backoff=False).step.tree.tokens.numel() == 8

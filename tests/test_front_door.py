@@ -87,15 +87,34 @@ def test_what_it_cannot_do_is_refused(kwargs, error, needle):
         target.generate(PROMPT, **call)
 
 
-def test_batches_and_padding_are_refused():
+def test_a_left_padded_batch_decodes_each_row_as_stock_generate():
+    target, head = _pair()
+    rows = [PROMPT[0].tolist(), PROMPT[0, 3:].tolist(), [5, 6, 7, 8]]
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=9, pad_token_id=0)
+    want = target.generate(ids, **kw)
+    got = target.generate(ids, custom_generate=c2t_fast.generate, draft=head, strategy=Chain(2), budget=None,
+                          ngram=None, **kw)
+    assert got.tolist() == want.tolist()
+    one = target.generate(ids[1:2], attention_mask=mask[1:2], custom_generate=c2t_fast.generate, draft=head,
+                          strategy=Chain(2), budget=None, ngram=None, do_sample=False, max_new_tokens=9, pad_token_id=0)
+    assert one.tolist() == target.generate(ids[1:2], attention_mask=mask[1:2], do_sample=False, max_new_tokens=9,
+                                           pad_token_id=0).tolist()  # one padded row: the batched engine too
+
+
+def test_what_a_batch_cannot_do_is_refused():
     target, head = _pair()
     kw = dict(do_sample=False, max_new_tokens=5, pad_token_id=0, custom_generate=c2t_fast.generate, draft=head,
-              strategy=Chain(2))
-    with pytest.raises(ValueError, match=r"input_ids must be \[1, n\]"):
-        target.generate(PROMPT.repeat(2, 1), **kw)
+              strategy=Chain(2), budget=None, ngram=None)
+    with pytest.raises(ValueError, match="temperature / top-k / top-p only"):
+        target.generate(PROMPT.repeat(2, 1), repetition_penalty=1.3, **kw)
+    with pytest.raises(ValueError, match="takes no streamer"):
+        target.generate(PROMPT.repeat(2, 1), text_streamer=Recorder(), **kw)
     mask = torch.ones_like(PROMPT)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
         target.generate(PROMPT, attention_mask=mask, **kw)
 
 

@@ -8,10 +8,11 @@ rules (``verify_greedy`` / ``verify_sample``) and commits each slot's accepted n
 that finished leaves the batch: it costs nothing afterwards. Left-padded ``[B, n]`` prompts with an
 attention mask (what ``tokenizer(..., padding=True)`` gives) are read row by row, padding dropped.
 
-What batch 1 has that this does not (each refused with a clear error, not ignored): transformers' logits
-processors along the tree, recording classifier trees, tensor-parallel targets, and the cost rule: a tree is
-verified as the strategy grows it, capped at ``max_nodes`` per sequence, because the cost profile is
-measured for one sequence and the batch's verification cost differs (a B x T pass).
+Trees are sized for the batch by the cost rule (``budget="auto"``, the default: ``CostRule.size_batch`` cuts
+every row's tree to the common T that maximises the batch's expected tokens per second at the profile's cost
+of b x T tokens; its step modes run draft, sources-only or plain steps for the whole batch), or verified as
+grown (``budget=None``), capped at ``max_nodes`` per sequence either way. What batch 1 has that this does
+not: transformers' logits processors along the tree, recording classifier trees, tensor-parallel targets.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from ..hf.static_batch import StaticBatchLM, check_supported
 from ..kernels import ops
 from . import defaults
 from .drafts import DraftProtocol, check_draft
+from .cost import CostRule, load_costs
 from .drafts.sources import SOURCE_NAMES, DatastoreSource, NgramSource, RecyclingSource, StepTree
 from .metrics import Metrics
-from .step import Sampler
+from .step import DraftBacklog, Sampler, Verified
 from .strategies import Strategy
 from .tree import TreeDrafter
 
@@ -50,11 +52,12 @@ class BatchGeneration:
 class _Row:
     """One sequence's state: its draft copy, sources, history and pending root."""
 
-    def __init__(self, slot: int, ids: list[int], draft, sources: list):
-        self.slot, self.context, self.draft, self.sources = slot, list(ids), draft, sources
+    def __init__(self, slot: int, ids: list[int], draft, sources: list, backlog: DraftBacklog):
+        self.slot, self.context, self.draft, self.sources, self.backlog = slot, list(ids), draft, sources, backlog
         self.out: list[int] = []
         self.root: int | None = None
         self.root_feature = None
+        self.path_scores = None  # this step's draft nodes' path-level scores (C2T), when the draft grew the tree
 
 
 def _row_draft(draft):
@@ -69,14 +72,19 @@ class BatchSpeculativeGenerator:
 
     target: a transformers Llama / Qwen2 / Mistral causal LM (the families ``StaticBatchLM`` runs).
     draft: any ``DraftProtocol`` or None (the training-free sources alone). strategy / ngram / datastore /
-    recycling: as ``SpeculativeGenerator`` (the main job's defaults unless told otherwise; the datastore and
-    recycling only for the shipped target). ``max_nodes``: the most tree nodes verified per sequence and step
+    recycling / budget: as ``SpeculativeGenerator`` (the main job's defaults unless told otherwise; the
+    datastore and recycling only for the shipped target; ``budget`` "auto" sizes the batch's trees by the
+    measured cost, None verifies them as grown, or a ``CostRule``). ``max_nodes``: the most tree nodes verified per sequence and step
     (the draft's nodes first, then the sources'); None: all. ``kv_dtype``: the cache's precision."""
 
     def __init__(self, target, draft: DraftProtocol | None, strategy: Strategy | None = None, eos_token_id=None,
                  stop_token_ids=(), ngram=defaults.DEFAULT, datastore=defaults.DEFAULT,
-                 recycling=defaults.DEFAULT, max_nodes: int | None = 64, kv_dtype: torch.dtype | None = None):
+                 recycling=defaults.DEFAULT, budget=defaults.DEFAULT, max_nodes: int | None = 64,
+                 kv_dtype: torch.dtype | None = None):
         check_supported(target)
+        budget = defaults.resolve_budget(budget)
+        if budget is not None and not isinstance(budget, CostRule) and budget != "auto":
+            raise ValueError(f"budget must be None, 'auto' or a c2t_fast.decoding.cost.CostRule, got {budget!r}")
         if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, numbers.Integral)
                                       or max_nodes < 1):
             raise ValueError(f"max_nodes must be None or an integer >= 1, got {max_nodes!r}")
@@ -100,6 +108,8 @@ class BatchSpeculativeGenerator:
         self.max_positions = self.adapter.max_positions
         self.feature_layers = tuple(draft.feature_layers) if draft is not None and draft.feature_layers else ()
         self._runner: StaticBatchLM | None = None
+        self._has_sources = any(x is not None for x in (self.ngram, self.datastore, self.recycling))
+        self.cost_rule = CostRule(load_costs(target)) if budget == "auto" else budget
 
     # -- input -------------------------------------------------------------------------------------
     def _rows(self, input_ids, attention_mask) -> list[list[int]]:
@@ -156,13 +166,11 @@ class BatchSpeculativeGenerator:
                             RecyclingSource(self.recycling) if self.recycling is not None else None) if s]
 
     def _runner_for(self, slots: int, capacity: int) -> StaticBatchLM:
-        r = self._runner
-        if r is None or r.slots < slots or r.capacity < capacity:
-            r = self._runner = StaticBatchLM(self.target, slots, capacity, self.feature_layers, linear="torch",
-                                             kv_dtype=self.kv_dtype)
-        for s in range(r.slots):
-            r.reset(s)
-        return r
+        if self._runner is None:  # the fused weights once per generator; the cache grows as calls need
+            self._runner = StaticBatchLM(self.target, slots, capacity, self.feature_layers, linear="torch",
+                                         kv_dtype=self.kv_dtype)
+        self._runner.reserve(slots, capacity)
+        return self._runner
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -186,14 +194,31 @@ class BatchSpeculativeGenerator:
             m.prefill_time, m.new_tokens = time.perf_counter() - t_start, len(rows)
             live = [r for r in rows if not self._finished(r, max_new_tokens)]
             passes, per_pass = 0, []
+            rule = self.cost_rule
+            if rule is not None:
+                rule.reset()
             while live:
                 t0 = time.perf_counter()
-                trees = [self._tree(r, m) for r in live]
+                mode = (rule.step_mode(self.draft is not None, self._has_sources)
+                        if rule is not None else ("draft" if self.draft is not None else "sources"))
+                trees = [self._tree(r, mode, m) for r in live]
+                sized = None
+                if rule is not None and mode != "plain":
+                    sized = rule.size_batch(trees, [r.path_scores for r in live], time.perf_counter() - t0,
+                                            backoff=mode == "draft")
+                    trees = [z.step for z in sized]
                 t1 = time.perf_counter()
                 verdicts = self._verify(lm, live, trees, sampler)
                 t2 = time.perf_counter()
-                for r, st, verdict in zip(live, trees, verdicts):
-                    self._commit(r, st, verdict, lm, max_new_tokens, m)
+                emitted = 0
+                for i, (r, st, v) in enumerate(zip(live, trees, verdicts)):
+                    if sized is not None:
+                        rule.learn(sized[i], v.path)
+                    emitted += self._commit(r, st, v, mode, lm, max_new_tokens, m)
+                T = max(st.tree.tokens.numel() for st in trees)
+                if rule is not None:
+                    rule.settle(time.perf_counter() - t0, emitted, T == 1, len(live) * T, mode, rows=len(live))
+                m.plain_steps += len(live) if T == 1 else 0
                 m.draft_time += t1 - t0
                 m.verify_time += t2 - t1
                 passes += 1
@@ -207,11 +232,10 @@ class BatchSpeculativeGenerator:
         ids = torch.tensor(prompt, dtype=torch.int64)
         out = lm.prefill(slot, ids)
         feats = out.features if self.feature_layers else out.hidden
-        draft = None
-        if self.draft is not None:
-            draft = _row_draft(self.draft)
-            draft.prefill(ids.to(lm.device), feats)
-        row = _Row(slot, prompt, draft, self._sources())
+        draft = _row_draft(self.draft) if self.draft is not None else None
+        # the draft reads the prompt on its first drafting step (a batch the rule keeps plain never pays it)
+        row = _Row(slot, prompt, draft, self._sources(),
+                   DraftBacklog((ids.to(lm.device), feats) if draft is not None else None))
         root = sampler.first(row.context, out.logits[-1])
         row.context.append(root)
         row.out.append(root)
@@ -223,26 +247,33 @@ class BatchSpeculativeGenerator:
     def _finished(self, row: _Row, max_new_tokens: int) -> bool:
         return len(row.out) >= max_new_tokens or row.out[-1] in self.stop
 
-    def _tree(self, row: _Row, m: Metrics) -> StepTree:
-        """The sequence's step tree: the draft's (when there is one) with every source's branches grafted."""
+    def _tree(self, row: _Row, mode: str, m: Metrics) -> StepTree:
+        """The sequence's step tree: "draft" the draft's with every source's branches grafted, "sources" theirs
+        alone, "plain" the root alone."""
         dev = self.adapter.device
-        if row.draft is not None:
-            st = StepTree.of(self.strategy.build(TreeDrafter(row.draft, row.root, row.root_feature)))
+        row.path_scores = None
+        if mode == "draft":
+            row.backlog.feed(row.draft, dev)
+            drafter = TreeDrafter(row.draft, row.root, row.root_feature)
+            st = StepTree.of(self.strategy.build(drafter))
+            row.path_scores = drafter.path_scores()
         else:
             st = StepTree.of(ops.Tree(torch.tensor([row.root], dtype=torch.int64, device=dev),
                                       torch.tensor([-1], dtype=torch.int32, device=dev), torch.zeros(1, device=dev)))
-        for src in row.sources:
+        for src in row.sources if mode != "plain" else ():
             st = st.graft(src.propose(row.root))
         if self.max_nodes is not None and st.tree.tokens.numel() > self.max_nodes:
             n = self.max_nodes  # topological order: the first n nodes are a tree
             t = st.tree
             st = StepTree(ops.Tree(t.tokens[:n], t.parents[:n], t.logp[:n]), st.source[:n], st.score[:n], st.added)
+            if row.path_scores is not None:  # the draft's nodes come first
+                row.path_scores = row.path_scores[:n]
         for k, n in st.added.items():
             m.source_nodes[SOURCE_NAMES[k]] = m.source_nodes.get(SOURCE_NAMES[k], 0) + n
         return st
 
     def _verify(self, lm: StaticBatchLM, live: list[_Row], trees: list[StepTree], sampler: Sampler) -> list:
-        """One target pass over every live sequence's tree -> per sequence (path, bonus, features, logits)."""
+        """One target pass over every live sequence's tree -> a ``Verified`` per sequence."""
         T = max(st.tree.tokens.numel() for st in trees)
         b = len(live)
         tokens = torch.zeros(b, T, dtype=torch.int64)
@@ -268,32 +299,35 @@ class BatchSpeculativeGenerator:
                 v = ops.verify_sample(t.tokens, t.parents, sampler.probs(logits), u)
             else:
                 v = ops.verify_greedy(t.tokens, t.parents, logits.max(-1).indices)
-            verdicts.append((v.path, int(v.bonus), feats[i, :n], logits))
+            accepted = t.tokens[v.path[1:]]
+            verdicts.append(Verified(t, v.path, accepted, accepted.tolist() + [int(v.bonus)], feats[i, :n], logits))
         return verdicts
 
-    def _commit(self, row: _Row, st: StepTree, verdict: tuple, lm: StaticBatchLM, max_new_tokens: int,
-                m: Metrics) -> None:
-        """The accepted path into the slot's cache, the draft and the sources; the emitted tokens up to a stop."""
-        path, bonus, feats, logits = verdict
-        lm.keep(row.slot, path.tolist())
-        accepted = st.tree.tokens[path[1:]]
-        emitted = accepted.tolist() + [bonus]
+    def _commit(self, row: _Row, st: StepTree, v: Verified, mode: str, lm: StaticBatchLM, max_new_tokens: int,
+                m: Metrics) -> int:
+        """The accepted path into the slot's cache, the draft and the sources; the emitted tokens up to a stop
+        (their number returned)."""
+        lm.keep(row.slot, v.path.tolist())
         out = []
-        for tok in emitted:
+        for tok in v.emitted:
             out.append(tok)
             if tok in self.stop or len(row.out) + len(out) >= max_new_tokens:
                 break
         m.steps += 1
-        m.accepted.append(path.numel() - 1)
-        m.draft_tokens.append(st.tree.tokens.numel() - 1)
-        for k in st.source[path[1:].cpu()].tolist():
+        m.accepted.append(v.path.numel() - 1)
+        m.draft_tokens.append(v.tree.tokens.numel() - 1)
+        for k in st.source[v.path[1:].cpu()].tolist():
             m.source_accepted[SOURCE_NAMES[k]] = m.source_accepted.get(SOURCE_NAMES[k], 0) + 1
         m.new_tokens += len(out)
         row.out += out
         row.context += out
         for src in row.sources:
-            src.observe(st.tree.tokens, logits)
+            src.observe(v.tree.tokens, v.logits)
             src.extend(out)
         if row.draft is not None:
-            row.draft.commit(accepted, feats[path[:-1]])
-        row.root, row.root_feature = emitted[-1], feats[path[-1]]
+            if mode == "draft":
+                row.draft.commit(v.accepted, v.hidden[v.path[:-1]])
+            else:  # the draft reads this text on its next drafting step
+                row.backlog.add(row.root, row.root_feature, v)
+        row.root, row.root_feature = v.emitted[-1], v.hidden[v.path[-1]]
+        return len(out)

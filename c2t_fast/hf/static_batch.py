@@ -191,6 +191,21 @@ class StaticBatchLM:
         return y if b is None else y + b
 
     # -- slots ------------------------------------------------------------------------------------
+    def reserve(self, slots: int, capacity: int) -> None:
+        """At least ``slots`` slots of ``capacity`` tokens, every slot emptied (the cache reallocated only when it
+        grows; the fused weights are kept)."""
+        if slots < 1 or capacity < 2:
+            raise ValueError(f"StaticBatchLM: slots must be >= 1 and capacity >= 2, got {slots}, {capacity}")
+        if slots > self.slots or capacity > self.capacity:
+            if slots != self.slots and "mkl_packed" in self._choice.values():
+                raise ValueError("StaticBatchLM: a cache with MKL weights packed for its row count keeps its slots")
+            self.slots, self.capacity = max(slots, self.slots), max(capacity, self.capacity)
+            shape = (len(self.layers), self.slots, self.n_kv, self.capacity, self.head_dim)
+            self.k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            self.v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            self._gemm = self._step_gemms()
+        self.lengths = [0] * self.slots
+
     def reset(self, slot: int) -> None:
         """Empty ``slot`` (its cache rows are overwritten by the next prefill)."""
         self._check_slot(slot)
@@ -297,8 +312,17 @@ class StaticBatchLM:
         """x ``[b, n, H]`` at positions ``pos [b, n]`` of cache rows ``rows``, each row's new keys written
         at ``starts[i]``; ``mask [n, starts[0] + n]`` (one row, prefill), None (n = 1 per row) or, with
         ``rows`` a list of slots (trees), ``[b, 1, n, max(starts) + n]``."""
-        trees = isinstance(rows, list)
         b, n, _ = x.shape
+        trees = isinstance(rows, list)
+        run = at = None
+        one_node = False
+        if trees:
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                run = slice(rows[0], rows[0] + len(rows))
+            at = (torch.tensor(rows, device=self.device)[:, None], slice(None),
+                  torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device))
+            # a tree of one node per row is a decoding step: the decode kernel over the rows' own caches
+            one_node = n == 1 and run is not None and self.device.type == "cpu"
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         G = Hq // Hkv
         cos, sin = self.rotary(x, pos)  # [b, n, D]
@@ -319,12 +343,11 @@ class StaticBatchLM:
             q = _rotate(q.view(b, n, Hq, D).transpose(1, 2), cos, sin)  # [b, Hq, n, D]
             k = _rotate(k.view(b, n, Hkv, D).transpose(1, 2), cos, sin)  # [b, Hkv, n, D]
             v = v.view(b, n, Hkv, D).transpose(1, 2)
-            if trees:  # each row's tree after its own sequence, then every row's keys up to kv_len gathered
-                at = (torch.tensor(rows, device=self.device)[:, None], slice(None),
-                      torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device))
+            if trees:  # each row's tree after its own sequence; consecutive slots read as views, others gathered
                 self.k[li][at] = k.transpose(1, 2).to(self.kv_dtype)
                 self.v[li][at] = v.transpose(1, 2).to(self.kv_dtype)
-                kc, vc = self.k[li, rows, :, :kv_len], self.v[li, rows, :, :kv_len]
+                kc, vc = (self.k[li, run], self.v[li, run]) if run is not None else (self.k[li, rows, :, :kv_len],
+                                                                                     self.v[li, rows, :, :kv_len])
             else:
                 kc, vc = self.k[li, rows], self.v[li, rows]  # [b, Hkv, C, D] views
             if step:
@@ -333,7 +356,7 @@ class StaticBatchLM:
             elif not trees:
                 kc[0, :, starts[0]:starts[0] + n] = k[0].to(self.kv_dtype)
                 vc[0, :, starts[0]:starts[0] + n] = v[0].to(self.kv_dtype)
-            if step and keep is None:  # the CPU kernel reads each row's own cache once, in its own precision
+            if (step or one_node) and keep is None:  # the CPU kernel reads each row's own cache once
                 o = decode_attention(q[:, :, 0], kc, vc, idx + 1, 1.0 / math.sqrt(D)).reshape(b, 1, Hq * D)
             else:
                 K, V = kc[:, :, :kv_len].to(q.dtype), vc[:, :, :kv_len].to(q.dtype)

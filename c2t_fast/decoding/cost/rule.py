@@ -123,15 +123,17 @@ class CostRule:
             self.sources_left = 0  # sources steps before the draft's next probe
             self.draft_wait = self.probe_every
 
-    def settle(self, step_s: float, emitted: int, plain: bool, verified: int = 1, mode: str | None = None) -> None:
+    def settle(self, step_s: float, emitted: int, plain: bool, verified: int = 1, mode: str | None = None,
+               rows: int = 1) -> None:
         """A step took ``step_s`` seconds, verified ``verified`` tree tokens and emitted ``emitted``: the
         account and the plain step's measured time follow. With ``draft_cost`` set, the step is charged
         what the profile says it costs instead (machine-independent, like the sizing; a sources step is
         charged no drafting). ``mode``: the step's kind (``step_mode``), whose realized rate decides
-        between draft and sources steps."""
+        between draft and sources steps. ``rows``: sequences in the step (a batch's pass); a plain step then
+        emits one token per row, and the plain step's time is kept per emitted token."""
         if self.draft_cost is not None:
             drafting = self.draft_cost if mode != "sources" else 0.0
-            step_s = self.profile.verify(1) if plain else drafting + self.profile.verify(verified)
+            step_s = self.profile.verify(rows) if plain else drafting + self.profile.verify(verified)
         if mode in self.rate and step_s > 0:  # an empty tree too: that is what such steps delivered
             old, r = self.rate[mode], emitted / step_s
             self.rate[mode] = r if old is None else 0.7 * old + 0.3 * r
@@ -143,9 +145,11 @@ class CostRule:
                     self.draft_wait = self.probe_every
         self.elapsed += step_s
         if plain:
-            self.plain_s = step_s if self.plain_s is None else 0.8 * self.plain_s + 0.2 * step_s
+            per = step_s / rows
+            self.plain_s = per if self.plain_s is None else 0.8 * self.plain_s + 0.2 * per
         else:
-            self.account += emitted * (self.plain_s if self.plain_s is not None else self.profile.verify(1)) - step_s
+            plain_s = self.plain_s if self.plain_s is not None else self.profile.verify(rows) / rows
+            self.account += emitted * plain_s - step_s
 
     def in_debt(self) -> bool:
         """Whether speculative steps have lost more than ``loss_share`` of the time so far (then only plain
@@ -154,7 +158,11 @@ class CostRule:
 
     @property
     def plain_rate(self) -> float:
-        return 1.0 / self.profile.verify(1)
+        return self.plain_rate_of(1)
+
+    def plain_rate_of(self, rows: int) -> float:
+        """Tokens per second of a plain step over ``rows`` sequences."""
+        return rows / self.profile.verify(rows)
 
     def ngram_p(self, depth: torch.Tensor) -> torch.Tensor:
         """Acceptance estimate of n-gram nodes at these depths (prior: 0.5 at depth 1, x0.8 per level)."""
@@ -178,9 +186,9 @@ class CostRule:
         m = int(rate.argmax())
         return m, float(rate[m])
 
-    def after_step(self, expected_rate: float) -> None:
+    def after_step(self, expected_rate: float, rows: int = 1) -> None:
         """A speculative step promised ``expected_rate``: go plain for a while when it loses to plain decoding."""
-        if expected_rate < self.margin * self.plain_rate:
+        if expected_rate < self.margin * self.plain_rate_of(rows):
             self.plain_left = self.wait
             self.wait = min(2 * self.wait, self.max_plain)
         else:
@@ -238,11 +246,8 @@ class CostRule:
             self.sources.append(Calibrator())
         return self.sources[kind]
 
-    def size(self, st: StepTree, path_scores: torch.Tensor | None, draft_s: float, backoff: bool = True) -> SizedTree:
-        """This step's tree cut to what pays. ``path_scores``: the draft's path-level scores of its nodes
-        (C2T's classifier; they come first in ``st``), None to use the draft's probabilities (``st``'s joint
-        log-probabilities). ``draft_s``: the seconds drafting took. ``backoff``: a draft step's promised rate
-        decides the draft's next steps (``after_step``)."""
+    def _estimated(self, st: StepTree, path_scores: torch.Tensor | None) -> tuple:
+        """(acceptance estimate of every node ``[n]``, the draft's scores, depth, parents) of a step tree."""
         tree = st.tree
         n = tree.tokens.numel()
         parents = tree.parents.tolist()
@@ -253,18 +258,56 @@ class CostRule:
             logp = tree.logp.float().cpu()
             scores = (logp - logp[torch.tensor([max(q, 0) for q in parents])]).exp()
             scores[0] = 1.0
-        p = self.estimate(scores, path_scores is not None, parents, st.source, st.score, depth)
-        keep, rate = self.choose(p[1:], draft_s)
-        if backoff:
-            self.after_step(rate)
-        if keep < n - 1:
+        return self.estimate(scores, path_scores is not None, parents, st.source, st.score, depth), scores, depth, parents
+
+    @staticmethod
+    def _cut(st: StepTree, estimated: tuple, keep: int, path_scores: bool, rate: float) -> SizedTree:
+        """``st`` cut to its ``keep`` most probable nodes after the root (closed under parents)."""
+        p, scores, depth, parents = estimated
+        tree = st.tree
+        if keep < tree.tokens.numel() - 1:
             scored = ops.Tree(tree.tokens, tree.parents, p.clamp(min=1e-30).log().to(tree.logp.device))
             sub, sel = ops.rerank_tree(scored, keep + 1)
             sel = sel.cpu()
             st = StepTree(ops.Tree(sub.tokens, sub.parents, tree.logp[sel.to(tree.logp.device)]), st.source[sel],
                           st.score[sel], st.added)
             scores, depth, parents = scores[sel], depth[sel], st.tree.parents.tolist()
-        return SizedTree(st, scores, path_scores is not None, parents, depth, rate)
+        return SizedTree(st, scores, path_scores, parents, depth, rate)
+
+    def size(self, st: StepTree, path_scores: torch.Tensor | None, draft_s: float, backoff: bool = True) -> SizedTree:
+        """This step's tree cut to what pays. ``path_scores``: the draft's path-level scores of its nodes
+        (C2T's classifier; they come first in ``st``), None to use the draft's probabilities (``st``'s joint
+        log-probabilities). ``draft_s``: the seconds drafting took. ``backoff``: a draft step's promised rate
+        decides the draft's next steps (``after_step``)."""
+        est = self._estimated(st, path_scores)
+        keep, rate = self.choose(est[0][1:], draft_s)
+        if backoff:
+            self.after_step(rate)
+        return self._cut(st, est, keep, path_scores is not None, rate)
+
+    def size_batch(self, sts: list, path_scores: list, draft_s: float, backoff: bool = True) -> list:
+        """A batch's trees (one ``StepTree`` per sequence, verified together in one pass of ``b x T`` tokens,
+        every tree padded to the longest) cut to a common T: the T that maximises the batch's expected tokens
+        per second, (b + sum over rows of their T - 1 most probable nodes) / (draft_s + t_verify(b * T)),
+        T = 1 (every row a plain step) included. The pass's cost is the profile's at b * T tokens: its GEMMs
+        multiply b * T rows by each weight once, as one sequence's T * b tree tokens would."""
+        b = len(sts)
+        ests = [self._estimated(st, ps) for st, ps in zip(sts, path_scores)]
+        if self.draft_cost is not None:
+            draft_s = self.draft_cost
+        longest = max(e[0].numel() for e in ests)
+        gain = torch.full((longest,), float(b))  # gain[m]: expected tokens with m nodes after each root
+        for e in ests:
+            p = torch.sort(e[0][1:].float(), descending=True).values
+            c = torch.cumsum(p, 0)
+            gain[1:1 + c.numel()] += c
+            gain[1 + c.numel():] += c[-1] if c.numel() else 0.0
+        cost = torch.tensor([draft_s + self.profile.verify(b * (1 + m)) for m in range(longest)])
+        rate = gain / cost
+        m = int(rate.argmax())
+        if backoff:
+            self.after_step(float(rate[m]), rows=b)
+        return [self._cut(st, e, m, ps is not None, float(rate[m])) for st, e, ps in zip(sts, ests, path_scores)]
 
     def learn(self, sized: SizedTree, path: torch.Tensor) -> None:
         """Verification accepted ``path`` (node indices of ``sized.step``, root first): calibrate on it."""
