@@ -40,4 +40,11 @@ else
 fi
 echo "== microbenchmarks (do_bench medians)"
 "$PY" benchmarks/gpu/microbench.py | tee "$out/gpu_table.md"
+echo "== batched speculation against stock batched generate (B = 1, 4, 8; the shipped SmolLM2 and head)"
+set +e
+SPEC_BENCH="${SPEC_BENCH:-$PWD/shared/data/spec_bench}"
+[ -d "$SPEC_BENCH" ] || SPEC_BENCH="$PWD/../shared/data/spec_bench"
+SPEC_BENCH="$SPEC_BENCH" timeout 150 "$PY" benchmarks/batch_throughput.py --batches 1,4,8 --prompts 8 --tokens 64 \
+  --out "$out/batch_throughput" 2>&1 | grep -v "Loading weights" | tail -8
+set -e
 exit "$status"

@@ -1,6 +1,7 @@
 """The decoding room. Imports ``kernels`` and ``hf``, never ``training``.
 
 - ``engine``: ``SpeculativeGenerator``, the lossless step loop (draft -> size -> verify -> commit);
+- ``batch``: ``BatchSpeculativeGenerator``, a tree per sequence of a batch, all verified in one pass;
 - ``step``: the step's named objects (``DraftBacklog``, ``Sampler``, ``Verifier`` -> ``Verified``);
 - ``tree``: the step's tree on one device and the draft fed with it;
 - ``strategies``: Chain, EAGLE-2, C2T and the other tree growers behind one interface;
