@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 from c2t_fast.decoding.batch import BatchSpeculativeGenerator
 from c2t_fast.decoding.classifier import C2TClassifier
 from c2t_fast.decoding.drafts import DraftLM, EagleDraftHead
-from c2t_fast.decoding.strategies import C2T, Chain, Eagle2
+from c2t_fast.decoding.strategies import C2T, Chain, ChainC2T, Eagle2, Static
 from c2t_fast.hf.adapter import generate_batch, sampling_probs
 from c2t_fast.hf.static_batch import StaticBatchLM
 from support import tiny_causal_lm
@@ -24,7 +24,8 @@ PROMPTS = [torch.randint(0, 97, (n,), generator=GEN).tolist() for n in (12, 5, 9
 def _strategy(name):
     torch.manual_seed(0)
     return {"chain": Chain(4), "eagle2": Eagle2(top_k=4, depth=3, total_tokens=20),
-            "c2t": C2T(C2TClassifier(), beta=0.3, top_k=4, d_max=4, top_m=50)}[name]
+            "c2t": C2T(C2TClassifier(), beta=0.3, top_k=4, d_max=4, top_m=50),
+            "chain_c2t": ChainC2T(C2TClassifier(), beta=0.3, top_m=50), "static": Static()}[name]
 
 
 def _draft(kind, family, target):
@@ -52,6 +53,15 @@ def test_greedy_rows_equal_the_target_alone(family, draft_kind, strategy):
     assert out.passes == len(out.rows_per_pass) and out.metrics.new_tokens == 4 * 29
     if draft_kind == "self" and strategy == "chain":
         assert out.metrics.tau > 2 and out.passes < 29 // 2
+
+
+@pytest.mark.parametrize("draft_kind", ["head", "self"])
+@pytest.mark.parametrize("strategy", ["chain_c2t", "static"])
+def test_greedy_rows_equal_the_target_alone_with_the_other_strategies(draft_kind, strategy):
+    target = tiny_causal_lm("llama", 6, 2, seed=1)
+    gen = BatchSpeculativeGenerator(target, _draft(draft_kind, "llama", target), _strategy(strategy), eos_token_id=[],
+                                    ngram=3, datastore=None, recycling=None, budget=None)
+    assert gen.generate(PROMPTS, max_new_tokens=21).tokens == [_alone(target, p, 21) for p in PROMPTS]
 
 
 def test_padded_tensor_input_equals_stock_batched_generate():

@@ -1,5 +1,5 @@
-"""Lossless speculative generation (batch 1): draft a tree, verify it in one target pass through the
-patched attention, accept with verify_greedy / verify_sample, compact the KV cache, emit.
+"""Lossless speculative generation (batch 1; a batch: ``decoding.batch``): draft a tree, verify it in one
+target pass through the patched attention, accept with verify_greedy / verify_sample, compact the KV cache, emit.
 
 Per step (docs/DESIGN.md, "Generation engine"): draft (the strategy grows a tree through a
 ``TreeDrafter``, the training-free sources graft theirs) -> size (``CostRule.size`` -> ``SizedTree``) ->
@@ -230,7 +230,8 @@ class SpeculativeGenerator:
     def _check_request(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, tokenizer, logits_processor):
         """(prompt ids ``[n]``, the ``TreeProcessor`` or None); raises on bad input before anything runs."""
         if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] != 1:
-            raise ValueError(f"batch size {prompt.shape[0]} > 1 is not supported: one tree per step (use batch 1)")
+            raise ValueError(f"batch size {prompt.shape[0]} > 1: SpeculativeGenerator decodes one sequence; a batch "
+                             "goes through c2t_fast.decoding.batch.BatchSpeculativeGenerator (a tree per sequence)")
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("top_k", top_k, 0)
         if seed is not None:
