@@ -18,7 +18,6 @@ not: transformers' logits processors along the tree, recording classifier trees,
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from ..hf.static_batch import StaticBatchLM, check_supported
 from ..kernels import ops
 from . import defaults
 from .drafts import DraftProtocol, check_draft
+from .engine import check_sampling
 from .cost import CostRule, load_costs
 from .drafts.sources import SOURCE_NAMES, DatastoreSource, NgramSource, RecyclingSource, StepTree
 from .metrics import Metrics
@@ -142,17 +142,6 @@ class BatchSpeculativeGenerator:
                 raise ValueError(f"input_ids row {i} holds ids outside [0, {vocab})")
         return rows
 
-    def _check(self, max_new_tokens, temperature, top_p, top_k, seed) -> None:
-        for name, value, lo in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
     def _depth(self) -> int:
         """The deepest tree a step can verify (the draft's and the sources')."""
         d = self.strategy.max_tree_depth if self.draft is not None else 0
@@ -179,7 +168,7 @@ class BatchSpeculativeGenerator:
         per sequence, from one generator seeded with ``seed``). ``input_ids`` ``[B, n]`` (left-padded, with
         ``attention_mask``) or a list of B token-id lists."""
         prompts = self._rows(input_ids, attention_mask)
-        self._check(max_new_tokens, temperature, top_p, top_k, seed)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         tree_max = self.max_nodes if self.max_nodes is not None else 1 << 14
         longest = max(len(p) for p in prompts)
         if self.max_positions and longest + max_new_tokens + self._depth() - 1 > self.max_positions:

@@ -43,6 +43,18 @@ def _check_int(name: str, value, lo: int) -> None:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
+def check_sampling(max_new_tokens, temperature, top_p, top_k, seed) -> None:
+    """ValueError naming the first bad generation argument (the engine's and the batched engine's)."""
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("top_k", top_k, 0)
+    if seed is not None:
+        _check_int("seed", seed, 0)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 class SpeculativeGenerator:
     """``SpeculativeGenerator(target, draft)``: the target's exact output, faster; with no other argument it
     runs the main job's settings (``decoding.defaults``: C2T with the shipped classifier, trees sized by
@@ -232,14 +244,7 @@ class SpeculativeGenerator:
         if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] != 1:
             raise ValueError(f"batch size {prompt.shape[0]} > 1: SpeculativeGenerator decodes one sequence; a batch "
                              "goes through c2t_fast.decoding.batch.BatchSpeculativeGenerator (a tree per sequence)")
-        _check_int("max_new_tokens", max_new_tokens, 1)
-        _check_int("top_k", top_k, 0)
-        if seed is not None:
-            _check_int("seed", seed, 0)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         ids = self._encode(prompt, tokenizer)
         proc = None
         if logits_processor is not None:
